@@ -1,0 +1,126 @@
+"""DomainConditionedCLIP: towers, domain FiLM, projection heads and a learned temperature.
+
+The forward pass is split in two so that meta-learning can reuse tower features:
+``features`` runs the towers (the slow weights), ``embed`` applies domain FiLM and the projection
+heads (the fast weights) to features. ``embed`` takes optional ``fast`` replacements for any of its
+parts, which is how an inner loop substitutes its adapted clones (see ``metacontrastive.meta``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metacontrastive.models.conditioning import DomainEmbedding, FiLM
+from metacontrastive.models.towers import build_image_tower, build_text_tower
+
+__all__ = ["DomainConditionedCLIP", "ProjectionHead"]
+
+
+class ProjectionHead(nn.Module):
+    """Linear-GELU-Linear adapter into the shared space (the second seed paper's projection)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class DomainConditionedCLIP(nn.Module):
+    """A CLIP-style dual encoder whose features are modulated by a learned domain embedding.
+
+    Args:
+        num_domains: known domains; id ``num_domains`` is ``unknown``.
+        image_tower: tower name for ``build_image_tower``.
+        text_tower: tower name for ``build_text_tower``.
+        embed_dim: size of the shared embedding space.
+        hidden_dim: hidden width of the projection heads.
+        domain_dim: size of the domain embeddings.
+        condition_image: apply FiLM to image features.
+        condition_text: apply FiLM to text features.
+        init_temperature: initial softmax temperature (CLIP: 0.07).
+        max_logit_scale: clamp on the inverse temperature (CLIP: 100).
+    """
+
+    def __init__(
+        self,
+        num_domains: int,
+        image_tower: str = "tiny",
+        text_tower: str = "tiny",
+        embed_dim: int = 128,
+        hidden_dim: int = 256,
+        domain_dim: int = 32,
+        condition_image: bool = True,
+        condition_text: bool = True,
+        init_temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        self.image_tower = build_image_tower(image_tower)
+        self.text_tower = build_text_tower(text_tower)
+        img_dim, txt_dim = self.image_tower.out_dim, self.text_tower.out_dim
+        self.domain = DomainEmbedding(num_domains, domain_dim)
+        self.film_image = FiLM(domain_dim, img_dim) if condition_image else None
+        self.film_text = FiLM(domain_dim, txt_dim) if condition_text else None
+        self.head_image = ProjectionHead(img_dim, hidden_dim, embed_dim)
+        self.head_text = ProjectionHead(txt_dim, hidden_dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_logit_scale)
+
+    @property
+    def unknown_domain(self) -> int:
+        return self.domain.unknown_id
+
+    def scale(self) -> torch.Tensor:
+        """The inverse temperature exp(logit_scale), clamped as in CLIP."""
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+    def features(
+        self, images: torch.Tensor, texts: list[str], fast: Mapping[str, nn.Module] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tower features h_I (B, F_I) and h_T (M, F_T)."""
+        image_tower = self._part("image_tower", fast)
+        text_tower = self._part("text_tower", fast)
+        return image_tower(images), text_tower(texts)
+
+    def embed(
+        self,
+        h_image: torch.Tensor,
+        h_text: torch.Tensor,
+        domain_id: int | torch.Tensor,
+        fast: Mapping[str, nn.Module] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition features on the domain and project them: normalised z_I (B, D) and z_T (M, D).
+
+        Args:
+            h_image: (B, F_I) image features.
+            h_text: (M, F_T) text features.
+            domain_id: one domain id for all rows, or (B,) ids for images and texts alike when B == M.
+            fast: adapted replacements for parts of the model, by attribute name.
+        """
+        ids = torch.as_tensor(domain_id, device=h_image.device).reshape(-1)
+        cond = self._part("domain", fast)(ids)  # (1, C) or (B, C)
+        film_image, film_text = self._part("film_image", fast), self._part("film_text", fast)
+        if film_image is not None:
+            h_image = film_image(h_image, cond)
+        if film_text is not None:
+            h_text = film_text(h_text, cond)
+        z_image = self._part("head_image", fast)(h_image)
+        z_text = self._part("head_text", fast)(h_text)
+        return F.normalize(z_image, dim=-1), F.normalize(z_text, dim=-1)
+
+    def forward(
+        self, images: torch.Tensor, texts: list[str], domain_id: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed images and texts of one domain: normalised (B, D) and (M, D)."""
+        return self.embed(*self.features(images, texts), domain_id)
+
+    def _part(self, name: str, fast: Mapping[str, nn.Module] | None) -> nn.Module | None:
+        if fast is not None and name in fast:
+            return fast[name]
+        return getattr(self, name)

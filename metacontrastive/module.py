@@ -1,0 +1,231 @@
+"""MetaContrastiveModule: the DCMCL meta step, written once for train, val and test.
+
+Per task: the towers run once (``features``); a learn2learn clone of the fast weights adapts to the
+support set for k steps (``metacontrastive.meta.adapt``); the adapted model scores the query set.
+The outer loss is the mean query loss plus ``align_weight`` times the alignment regulariser across
+the domains of the meta-batch. ``method`` switches the ablations:
+
+- ``dcmcl``: the inner loop above (the full method when conditioning and alignment are on);
+- ``contrastive``: plain CLIP training on support and query together, no inner loop;
+- ``projection``: the second seed paper, frozen towers and heads trained contrastively.
+
+Every method is evaluated the same way: k inner steps on the support set from the learned
+initialisation, then nearest class prompt for each query.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import CatMetric
+
+from metacontrastive.data.episodes import Task
+from metacontrastive.losses import alignment_loss, contrastive_loss
+from metacontrastive.meta import ADAPT_SCOPES, adapt, build_learner
+from metacontrastive.models.clip import DomainConditionedCLIP
+from metacontrastive.models.towers import set_trainable
+
+__all__ = ["MetaContrastiveModule"]
+
+_NO_DECAY = ("bias", "norm", "logit_scale", "domain", "position", "token")
+
+
+class MetaContrastiveModule(L.LightningModule):
+    """Domain-Conditioned Meta-Contrastive Learning around a ``DomainConditionedCLIP``.
+
+    Args:
+        domains: domain names in id order (linked from the data module by the CLI).
+        image_tower: image tower name for the tower factory.
+        text_tower: text tower name for the tower factory.
+        embed_dim: shared embedding size.
+        hidden_dim: projection head hidden width.
+        domain_dim: domain embedding size.
+        condition_image: FiLM on image features.
+        condition_text: FiLM on text features.
+        method: ``dcmcl``, ``contrastive`` or ``projection`` (see the module docstring).
+        algorithm: ``maml`` or ``metasgd``.
+        adapt_scope: parts adapted in the inner loop, a key of ``ADAPT_SCOPES``.
+        inner_steps: inner-loop steps k in training.
+        eval_inner_steps: inner-loop steps at validation and test (default: ``inner_steps``).
+        inner_lr: inner-loop learning rate alpha.
+        first_order: first-order MAML.
+        align: alignment regulariser ``mmd``, ``coral`` or ``mean``.
+        align_weight: lambda; 0 turns alignment off.
+        align_on: align ``adapted`` or ``base`` (un-adapted) query image embeddings.
+        domain_dropout: probability of replacing a training task's domain by ``unknown``.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (not on biases, norms, embeddings or the temperature).
+        warmup_steps: linear warmup steps before the cosine decay.
+    """
+
+    def __init__(
+        self,
+        domains: list[str] = ["natural", "medical"],  # noqa: B006 - read-only default, shown by the CLI
+        image_tower: str = "tiny",
+        text_tower: str = "tiny",
+        embed_dim: int = 128,
+        hidden_dim: int = 256,
+        domain_dim: int = 32,
+        condition_image: bool = True,
+        condition_text: bool = True,
+        method: Literal["dcmcl", "contrastive", "projection"] = "dcmcl",
+        algorithm: Literal["maml", "metasgd"] = "maml",
+        adapt_scope: Literal["film", "heads", "film+heads", "all"] = "film+heads",
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        inner_lr: float = 0.1,
+        first_order: bool = False,
+        align: Literal["mmd", "coral", "mean"] = "mmd",
+        align_weight: float = 0.1,
+        align_on: Literal["adapted", "base"] = "adapted",
+        domain_dropout: float = 0.1,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 20,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.domains = list(domains)
+        self.model = DomainConditionedCLIP(len(domains), image_tower, text_tower, embed_dim, hidden_dim, domain_dim,
+                                           condition_image, condition_text)
+        if method == "projection":
+            set_trainable(self.model.image_tower, False)
+            set_trainable(self.model.text_tower, False)
+        self.learner = build_learner(self.model, adapt_scope, algorithm, inner_lr, first_order)
+        self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]
+        self.episode_acc = nn.ModuleDict({stage: nn.ModuleDict({str(i): CatMetric() for i in range(len(domains))})
+                                          for stage in ("val", "test")})
+
+    # ------------------------------------------------------------------ the algorithm
+    def task_step(self, task: Task, train: bool) -> dict[str, torch.Tensor]:
+        """Adapt to one task's support set (unless plain training) and score its query set."""
+        hp, model = self.hparams, self.model
+        domain_id = task.domain_id
+        if train and hp.domain_dropout > 0 and random.random() < hp.domain_dropout:
+            domain_id = model.unknown_domain
+        images = torch.cat([task.support_images, task.query_images])  # (S + Q, 3, H, W)
+        n_support = len(task.support_images)
+        if self.towers_adapt:  # the towers themselves adapt: features depend on the fast weights
+            def features(parts):
+                return model.features(images, task.texts, fast=parts)
+        else:  # the towers are slow weights: compute their features once per task
+            cached = model.features(images, task.texts)
+
+            def features(parts):
+                return cached
+
+        def loss_on(parts, rows: slice, labels: torch.Tensor):
+            h_image, h_text = features(parts)
+            text_ids = torch.unique(labels)  # the texts this set refers to
+            z_image, z_text = model.embed(h_image[rows], h_text[text_ids], domain_id, fast=parts)
+            return contrastive_loss(z_image, z_text, model.scale(), labels, text_ids), z_image, z_text, text_ids
+
+        support, query = slice(0, n_support), slice(n_support, None)
+        if train and hp.method != "dcmcl":  # plain contrastive training on all pairs of the task
+            labels = torch.cat([task.support_labels, task.query_labels])
+            loss, z_all, _, _ = loss_on(None, slice(None), labels)
+            return {"loss": loss, "z_align": z_all[query], "support_loss": loss.detach()}
+
+        steps = hp.inner_steps if train else (hp.eval_inner_steps if hp.eval_inner_steps is not None else hp.inner_steps)
+        with torch.enable_grad():  # validation adapts too; the clone must be made with grad enabled
+            learner = self.learner.clone()
+            support_losses = adapt(learner, lambda parts: loss_on(parts, support, task.support_labels)[0], steps)
+            loss, z_query, z_text, text_ids = loss_on(learner.module, query, task.query_labels)
+        out = {"loss": loss, "z_align": z_query, "support_loss": support_losses[0] if support_losses else loss.detach()}
+        if hp.align_on == "base" and hp.align_weight > 0:
+            out["z_align"] = loss_on(None, query, task.query_labels)[1]
+        if task.labelled:
+            predicted = text_ids[(z_query @ z_text.t()).argmax(dim=1)]  # nearest adapted class prompt
+            out["acc"] = (predicted == task.query_labels).float().mean()
+        return out
+
+    def meta_step(self, batch: list[Task], stage: str) -> torch.Tensor:
+        """The outer objective on a meta-batch: mean query loss + align_weight * R_align; logs per domain."""
+        hp, train = self.hparams, stage == "train"
+        results = [self.task_step(task, train) for task in batch]
+        query_loss = torch.stack([r["loss"] for r in results]).mean()
+        z = torch.cat([r["z_align"] for r in results])  # (sum Q, D)
+        ids = torch.cat([torch.full((len(r["z_align"]),), t.domain_id, device=z.device) for r, t in zip(results, batch)])
+        align = alignment_loss(z, ids, hp.align) if hp.align_weight > 0 else z.new_zeros(())
+        loss = query_loss + hp.align_weight * align
+        if train and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"outer loss is {loss.item()} at step {self.global_step} (query {query_loss.item()}, align {align.item()}); "
+                "lower model.lr or model.inner_lr, or check the shards for broken images"
+            )
+        n = len(batch)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/align", align, batch_size=n)
+        for domain_id, name in enumerate(self.domains):
+            mine = [r for r, t in zip(results, batch) if t.domain_id == domain_id]
+            if mine:
+                self.log(f"{stage}/query_loss/{name}", torch.stack([r["loss"] for r in mine]).mean(), batch_size=len(mine))
+                self.log(f"{stage}/support_loss/{name}", torch.stack([r["support_loss"] for r in mine]).mean(), batch_size=len(mine))
+        if not train:
+            for r, t in zip(results, batch):
+                if "acc" in r:
+                    self.episode_acc[stage][str(t.domain_id)].update(r["acc"])
+        if train:
+            self.log("train/logit_scale", self.model.scale(), batch_size=n)
+        return loss
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: list[Task], batch_idx: int) -> torch.Tensor:
+        return self.meta_step(batch, "train")
+
+    def validation_step(self, batch: list[Task], batch_idx: int) -> None:
+        self._check_grad_mode()
+        self.meta_step(batch, "val")
+
+    def test_step(self, batch: list[Task], batch_idx: int) -> None:
+        self._check_grad_mode()
+        self.meta_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test")
+
+    def _log_accuracy(self, stage: str) -> None:
+        """Mean episode accuracy per domain, its 95% CI (1.96 std / sqrt(E)), and the mean over domains."""
+        means = []
+        for domain_id, name in enumerate(self.domains):
+            metric = self.episode_acc[stage][str(domain_id)]
+            if not metric.update_called:
+                continue
+            acc = metric.compute().reshape(-1)  # (E,)
+            metric.reset()
+            means.append(acc.mean())
+            self.log(f"{stage}/acc/{name}", acc.mean(), sync_dist=False)
+            ci = 1.96 * acc.std() / math.sqrt(len(acc)) if len(acc) > 1 else acc.new_zeros(())
+            self.log(f"{stage}/acc_ci95/{name}", ci, sync_dist=False)
+            self.log(f"{stage}/episodes/{name}", float(len(acc)), sync_dist=False)
+        if means:
+            self.log(f"{stage}/acc", torch.stack(means).mean(), prog_bar=True, sync_dist=False)
+
+    def _check_grad_mode(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("evaluation adapts on the support set and needs gradients: run with trainer.inference_mode=false")
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or any(k in name for k in _NO_DECAY) else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:  # linear warmup, then cosine to zero
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
