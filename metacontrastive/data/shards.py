@@ -47,6 +47,8 @@ IMAGE_KEYS = ("png", "jpg", "jpeg")
 
 def _encode_image(image: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
+    if image.mode not in ("RGB", "L"):  # greyscale stays one channel: a third of the bytes, same pixels once decoded
+        image = image.convert("RGB")
     image.save(buf, format="PNG" if fmt == "png" else "JPEG", quality=95)
     return buf.getvalue()
 
@@ -97,8 +99,19 @@ class DomainWriter:
         self.staging.chmod(0o755)  # mkdtemp makes it private; shards are meant to be shared
         return self
 
-    def write(self, split: str, key: str, image: Image.Image, caption: str, label: int | None = None) -> None:
-        """Write one sample to ``split``; ``label`` indexes ``classes`` (None for caption-only data)."""
+    def write(self, split: str, key: str, image: Image.Image | bytes, caption: str, label: int | None = None,
+              extra: dict | None = None) -> None:
+        """Write one sample to ``split``.
+
+        Args:
+            split: one of ``SPLITS``.
+            key: the sample's unique key (no dots: WebDataset splits keys from extensions at the first dot).
+            image: a PIL image, encoded here, or bytes already encoded as ``image_format`` (written as they
+                are, so JPEG sources are not re-encoded).
+            caption: the sample's text.
+            label: index into ``classes``; None for caption-only data.
+            extra: more fields for the sample's ``json`` (e.g. where it came from).
+        """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         if split not in self.writers:
@@ -108,9 +121,9 @@ class DomainWriter:
         name = self.classes[label] if label is not None else None
         sample = {
             "__key__": key,
-            self.image_format: _encode_image(image.convert("RGB"), self.image_format),
+            self.image_format: image if isinstance(image, bytes) else _encode_image(image, self.image_format),
             "txt": caption,
-            "json": {"domain": self.domain, "label": name, "split": split, "source": self.source},
+            "json": {**(extra or {}), "domain": self.domain, "label": name, "split": split, "source": self.source},
         }
         if label is not None:
             sample["cls"] = int(label)

@@ -18,8 +18,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from metacontrastive.data.shards import SPLITS, DomainWriter
+from metacontrastive.data.splits import class_split
 
-__all__ = ["GENERATORS", "class_split", "write_synthetic"]
+__all__ = ["GENERATORS", "write_synthetic"]
 
 _SS = 2  # supersampling factor: draw at twice the size, then downsample (antialiasing)
 
@@ -164,18 +165,6 @@ GENERATORS: dict[str, _Generator] = {
         render=_render_medical,
     ),
 }
-
-
-def class_split(classes: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
-    """Split classes into disjoint train/val/test lists by a seeded shuffle (val and test rounded up)."""
-    order = list(np.random.default_rng(seed).permutation(len(classes)))
-    n_val = math.ceil(fractions[1] * len(classes))
-    n_test = math.ceil(fractions[2] * len(classes))
-    n_train = len(classes) - n_val - n_test
-    if min(n_train, n_val, n_test) < 1:
-        raise ValueError(f"class split {fractions} of {len(classes)} classes leaves a split empty")
-    cut = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    return {split: sorted((classes[i] for i in idx), key=classes.index) for split, idx in cut.items()}
 
 
 def write_synthetic(
