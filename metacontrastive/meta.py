@@ -53,6 +53,9 @@ def build_learner(
     if algorithm == "maml":
         return MAML(parts, lr=inner_lr, first_order=first_order, allow_nograd=True)
     if algorithm == "metasgd":
+        if not all(p.requires_grad for p in parts.parameters()):
+            raise ValueError(f"metasgd adapts every parameter of its scope, but {scope!r} holds frozen ones; "
+                             "use algorithm=maml or a scope without the frozen towers")
         return MetaSGD(parts, lr=inner_lr, first_order=first_order)
     raise ValueError(f"unknown algorithm {algorithm!r}; choose 'maml' or 'metasgd'")
 

@@ -31,7 +31,8 @@ from metacontrastive.models.towers import set_trainable
 
 __all__ = ["MetaContrastiveModule"]
 
-_NO_DECAY = ("bias", "norm", "logit_scale", "domain", "position", "token")
+# as in open_clip: no weight decay on gains, biases, embeddings or the temperature
+_NO_DECAY = ("bias", "norm", "logit_scale", "embed", "domain", "position", "token")
 
 
 class MetaContrastiveModule(L.LightningModule):
@@ -57,7 +58,11 @@ class MetaContrastiveModule(L.LightningModule):
         align_weight: lambda; 0 turns alignment off.
         align_on: align ``adapted`` or ``base`` (un-adapted) query image embeddings.
         domain_dropout: probability of replacing a training task's domain by ``unknown``.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate of the FiLM generators, heads and temperature (and of any group below
+            left at None).
+        tower_lr: learning rate of the towers.
+        domain_lr: learning rate of the domain embeddings.
+        metasgd_lr: learning rate of MetaSGD's per-parameter inner learning rates.
         weight_decay: AdamW weight decay (not on biases, norms, embeddings or the temperature).
         warmup_steps: linear warmup steps before the cosine decay.
     """
@@ -84,6 +89,9 @@ class MetaContrastiveModule(L.LightningModule):
         align_on: Literal["adapted", "base"] = "adapted",
         domain_dropout: float = 0.1,
         lr: float = 2e-3,
+        tower_lr: float | None = None,
+        domain_lr: float | None = None,
+        metasgd_lr: float | None = None,
         weight_decay: float = 0.01,
         warmup_steps: int = 20,
     ) -> None:
@@ -212,13 +220,33 @@ class MetaContrastiveModule(L.LightningModule):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("evaluation adapts on the support set and needs gradients: run with trainer.inference_mode=false")
 
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: towers, fast weights (FiLM, heads, temperature), domain embeddings and MetaSGD
+        rates, each with its own learning rate, split by whether weight decay applies."""
+        hp = self.hparams
+        lrs = {"towers": hp.tower_lr, "fast": hp.lr, "domain": hp.domain_lr, "metasgd": hp.metasgd_lr}
+        buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():  # deduplicated: the learner's parts appear under model.*
+            if not p.requires_grad:
+                continue
+            if name.startswith("learner.lrs"):
+                group = "metasgd"
+            elif name.startswith(("model.image_tower", "model.text_tower")):
+                group = "towers"
+            elif name.startswith("model.domain"):
+                group = "domain"
+            else:
+                group = "fast"
+            decay = group in ("towers", "fast") and p.ndim >= 2 and not any(k in name for k in _NO_DECAY)
+            buckets.setdefault((group, decay), []).append(p)
+        return [
+            {"name": group + ("" if decay else "_no_decay"), "params": params,
+             "lr": lrs[group] if lrs[group] is not None else hp.lr, "weight_decay": hp.weight_decay if decay else 0.0}
+            for (group, decay), params in sorted(buckets.items())
+        ]
+
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or any(k in name for k in _NO_DECAY) else decay).append(p)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.hparams.warmup_steps, total // 2)
 

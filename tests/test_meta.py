@@ -117,3 +117,18 @@ def test_unknown_scope_and_algorithm_are_errors(setup):
         build_learner(model, "towers")
     with pytest.raises(ValueError, match="unknown algorithm"):
         build_learner(model, "heads", algorithm="reptile")
+
+
+def test_metasgd_learns_a_rate_per_parameter_and_rejects_frozen_parts(setup):
+    model, hs, hq, ht, y = setup
+    learner = build_learner(model, "heads", algorithm="metasgd", inner_lr=0.01)
+    assert [lr.shape for lr in learner.lrs] == [p.shape for p in learner.module.parameters()]
+    clone = learner.clone()
+    adapt(clone, lambda parts: _loss(model, parts, hs, ht, y), steps=1)
+    _loss(model, clone.module, hq, ht, y).backward()
+    assert all(lr.grad is not None and lr.grad.abs().sum() > 0 for lr in learner.lrs)
+    for p in model.image_tower.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        build_learner(model, "all", algorithm="metasgd")
+    assert build_learner(model, "all", algorithm="maml")  # MAML carries frozen parts (allow_nograd)

@@ -64,3 +64,13 @@ def test_nan_loss_is_a_clear_error():
     batch[0].query_images[:] = float("nan")
     with pytest.raises(FloatingPointError, match="outer loss is nan"):
         module.meta_step(batch, "train")
+
+
+def test_param_groups_cover_every_trainable_parameter_once():
+    module = MetaContrastiveModule(algorithm="metasgd", lr=1e-3, tower_lr=1e-4, domain_lr=1e-2, metasgd_lr=1e-5)
+    groups = module.param_groups()
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in module.parameters() if p.requires_grad)
+    lr = {g["name"]: g["lr"] for g in groups}
+    assert lr["towers"] == 1e-4 and lr["domain_no_decay"] == 1e-2 and lr["metasgd_no_decay"] == 1e-5 and lr["fast"] == 1e-3
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("_no_decay"))
