@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metacontrastive.models.conditioning import DomainEmbedding, FiLM
-from metacontrastive.models.towers import build_image_tower, build_text_tower
+from metacontrastive.models.towers import build_towers
 
 __all__ = ["DomainConditionedCLIP", "ProjectionHead"]
 
@@ -36,8 +36,14 @@ class DomainConditionedCLIP(nn.Module):
 
     Args:
         num_domains: known domains; id ``num_domains`` is ``unknown``.
-        image_tower: tower name for ``build_image_tower``.
-        text_tower: tower name for ``build_text_tower``.
+        image_tower: image tower name, e.g. ``tiny``, ``timm:resnet18``, ``hf-clip:/path`` (see
+            ``metacontrastive.models.towers``).
+        text_tower: text tower name, e.g. ``tiny``, ``minilm``, ``hf:/path``, ``hf-clip:/path``; two
+            ``hf-clip`` towers share one load, and ``hf-clip`` alone takes the other tower's folder.
+        image_pretrained: a local weight file for a ``timm:`` image tower (None: random init).
+        image_size: side the image tower resizes inputs to (None: the backbone's own input size).
+        freeze_image: freeze the image tower (no gradients, eval mode).
+        freeze_text: freeze the text tower (no gradients, eval mode).
         embed_dim: size of the shared embedding space.
         hidden_dim: hidden width of the projection heads.
         domain_dim: size of the domain embeddings.
@@ -52,6 +58,10 @@ class DomainConditionedCLIP(nn.Module):
         num_domains: int,
         image_tower: str = "tiny",
         text_tower: str = "tiny",
+        image_pretrained: str | None = None,
+        image_size: int | None = None,
+        freeze_image: bool = False,
+        freeze_text: bool = False,
         embed_dim: int = 128,
         hidden_dim: int = 256,
         domain_dim: int = 32,
@@ -61,8 +71,9 @@ class DomainConditionedCLIP(nn.Module):
         max_logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
-        self.image_tower = build_image_tower(image_tower)
-        self.text_tower = build_text_tower(text_tower)
+        self.image_tower, self.text_tower = build_towers(
+            image_tower, text_tower, image_pretrained, image_size, freeze_image, freeze_text
+        )
         img_dim, txt_dim = self.image_tower.out_dim, self.text_tower.out_dim
         self.domain = DomainEmbedding(num_domains, domain_dim)
         self.film_image = FiLM(domain_dim, img_dim) if condition_image else None

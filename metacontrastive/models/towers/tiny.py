@@ -1,13 +1,4 @@
-"""The tower factory: image and text encoders built from a name.
-
-Every part of the project (training, evaluation, tests, notebooks) builds towers through
-``build_image_tower`` and ``build_text_tower``. A tower is an ``nn.Module`` with an ``out_dim``
-attribute; an image tower maps float images in [0, 1] of shape (B, 3, H, W) to (B, out_dim), a text
-tower maps a list of strings to (B, out_dim) and owns its tokenizer.
-
-Names:
-    ``tiny``: small towers that train from scratch on a CPU in minutes.
-"""
+"""The ``tiny`` towers: small encoders that train from scratch on a CPU in minutes."""
 from __future__ import annotations
 
 import re
@@ -16,18 +7,21 @@ import zlib
 import torch
 from torch import nn
 
-__all__ = ["TinyImageTower", "TinyTextTower", "build_image_tower", "build_text_tower", "set_trainable"]
+from metacontrastive.models.towers.base import Tower, _resize
+
+__all__ = ["TinyImageTower", "TinyTextTower"]
 
 
-class TinyImageTower(nn.Module):
+class TinyImageTower(Tower):
     """A four-stage convolutional encoder (GroupNorm, GELU), global average pooled.
 
     Args:
         width: channels of the first stage; doubled at each of the next two.
         out_dim: feature size.
+        image_size: side inputs are resized to; None keeps the size they come at.
     """
 
-    def __init__(self, width: int = 32, out_dim: int = 128) -> None:
+    def __init__(self, width: int = 32, out_dim: int = 128, image_size: int | None = None) -> None:
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, out_dim]
         layers: list[nn.Module] = []
@@ -39,13 +33,14 @@ class TinyImageTower(nn.Module):
             ]
         self.net = nn.Sequential(*layers)
         self.out_dim = out_dim
+        self.input_size = None if image_size is None else (image_size, image_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - 0.5) / 0.5  # (B, 3, H, W) in [-1, 1]
+        x = (_resize(images, self.input_size) - 0.5) / 0.5  # (B, 3, H, W) in [-1, 1]
         return self.net(x).mean(dim=(2, 3))  # (B, out_dim)
 
 
-class TinyTextTower(nn.Module):
+class TinyTextTower(Tower):
     """Hashed word tokens, a small Transformer encoder and masked mean pooling.
 
     Words are hashed with CRC32 into ``vocab_size`` buckets, so the tower needs no vocabulary file
@@ -84,24 +79,3 @@ class TinyTextTower(nn.Module):
         x = self.encoder(x, src_key_padding_mask=~mask)
         x = self.norm(x) * mask[..., None]
         return x.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, D)
-
-
-def build_image_tower(name: str = "tiny") -> nn.Module:
-    """Build an image tower from a name (see the module docstring)."""
-    if name == "tiny":
-        return TinyImageTower()
-    raise ValueError(f"unknown image tower {name!r}; known: 'tiny'")
-
-
-def build_text_tower(name: str = "tiny") -> nn.Module:
-    """Build a text tower from a name (see the module docstring)."""
-    if name == "tiny":
-        return TinyTextTower()
-    raise ValueError(f"unknown text tower {name!r}; known: 'tiny'")
-
-
-def set_trainable(module: nn.Module, trainable: bool) -> nn.Module:
-    """Freeze or unfreeze every parameter of ``module``; returns it for chaining."""
-    for p in module.parameters():
-        p.requires_grad_(trainable)
-    return module

@@ -1,0 +1,36 @@
+"""Image and text towers, built by name through one factory.
+
+Training, evaluation, tests and notebooks all build towers with ``build_image_tower``,
+``build_text_tower`` or ``build_towers`` (see ``factory`` for the names). Every tower is a ``Tower``:
+an ``nn.Module`` with ``out_dim``; image towers take float images in [0, 1], (B, 3, H, W), text towers
+a ``list[str]``; both return (B, out_dim). timm and transformers are imported only when a tower
+needs them.
+"""
+from metacontrastive.models.towers.base import Tower, set_trainable
+from metacontrastive.models.towers.factory import (
+    IMAGE_TOWERS,
+    TEXT_TOWERS,
+    build_image_tower,
+    build_text_tower,
+    build_towers,
+)
+from metacontrastive.models.towers.hf_clip import CLIPImageTower, CLIPTextTower
+from metacontrastive.models.towers.hf_text import HFTextTower
+from metacontrastive.models.towers.timm_image import TimmImageTower
+from metacontrastive.models.towers.tiny import TinyImageTower, TinyTextTower
+
+__all__ = [
+    "IMAGE_TOWERS",
+    "TEXT_TOWERS",
+    "CLIPImageTower",
+    "CLIPTextTower",
+    "HFTextTower",
+    "TimmImageTower",
+    "TinyImageTower",
+    "TinyTextTower",
+    "Tower",
+    "build_image_tower",
+    "build_text_tower",
+    "build_towers",
+    "set_trainable",
+]

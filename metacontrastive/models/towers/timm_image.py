@@ -1,0 +1,76 @@
+"""timm image towers: any timm model by name, pooled features, its own normalisation and input size."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from metacontrastive.models.towers.base import Tower, _resize
+
+__all__ = ["TimmImageTower", "timm_image_tower"]
+
+
+class TimmImageTower(Tower):
+    """A timm backbone without its classifier: float images in [0, 1] (B, 3, H, W) to (B, out_dim).
+
+    The tower resizes its inputs to ``input_size`` and normalises them with the model's data-config
+    statistics, so it takes the project's images at whatever size the data module decodes them.
+    No crop: the data module already framed the image.
+
+    Args:
+        model: a timm model built with ``num_classes=0`` (pooled features).
+        mean: per-channel mean of the model's data config.
+        std: per-channel standard deviation of the model's data config.
+        input_size: (H, W) the backbone runs at.
+        interpolation: ``bilinear`` or ``bicubic``, as in the model's data config.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        input_size: tuple[int, int],
+        interpolation: str = "bicubic",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.input_size = tuple(input_size)
+        self.interpolation = interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"
+        # some heads (MobileNetV3, ...) add a layer after pooling: head_hidden_size is then the output size
+        self.out_dim = getattr(model, "head_hidden_size", None) or model.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = _resize(images, self.input_size, self.interpolation)  # (B, 3, S, S)
+        return self.model((x - self.mean) / self.std)  # (B, out_dim)
+
+
+def timm_image_tower(model_name: str, pretrained: str | None = None, image_size: int | None = None) -> TimmImageTower:
+    """Build a ``TimmImageTower`` from a timm model name.
+
+    Args:
+        model_name: any name of ``timm.list_models()``, e.g. ``resnet18`` or ``vit_tiny_patch16_224``.
+        pretrained: a local weight file for that model (``.safetensors``, ``.pth``, ``.bin``), loaded
+            by timm (classifier weights dropped); None: random initialisation.
+        image_size: side the backbone runs at; None: the model's default input size. Fixed-size
+            models (ViTs) are built for it, and timm resamples pretrained position embeddings.
+    """
+    import timm  # imported here: it takes seconds that runs with the tiny towers should not pay
+    from timm.data import resolve_model_data_config
+
+    if not timm.is_model(model_name):
+        raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models()")
+    kwargs: dict = {}
+    if pretrained is not None:
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"no weight file at {pretrained!r} for timm model {model_name!r}")
+        kwargs["pretrained_cfg_overlay"] = {"file": os.fspath(pretrained)}  # a local file, never a download
+    if image_size is not None and getattr(timm.models.get_pretrained_cfg(model_name), "fixed_input_size", False):
+        kwargs["img_size"] = image_size
+    model = timm.create_model(model_name, pretrained=pretrained is not None, num_classes=0, **kwargs)
+    config = resolve_model_data_config(model)
+    input_size = (image_size, image_size) if image_size is not None else tuple(config["input_size"][-2:])
+    return TimmImageTower(model, config["mean"], config["std"], input_size, config.get("interpolation", "bicubic"))
