@@ -27,7 +27,6 @@ from metacontrastive.data.episodes import Task
 from metacontrastive.losses import alignment_loss, contrastive_loss
 from metacontrastive.meta import ADAPT_SCOPES, adapt, build_learner
 from metacontrastive.models.clip import DomainConditionedCLIP
-from metacontrastive.models.towers import set_trainable
 
 __all__ = ["MetaContrastiveModule"]
 
@@ -40,8 +39,14 @@ class MetaContrastiveModule(L.LightningModule):
 
     Args:
         domains: domain names in id order (linked from the data module by the CLI).
-        image_tower: image tower name for the tower factory.
-        text_tower: text tower name for the tower factory.
+        image_tower: image tower name for the tower factory: ``tiny``, ``timm:<model>`` or
+            ``hf-clip:<folder>`` (see ``metacontrastive.models.towers``).
+        text_tower: text tower name for the tower factory: ``tiny``, ``minilm``, ``hf:<folder>`` or
+            ``hf-clip:<folder>`` (``hf-clip`` alone: the image tower's folder, loaded once for both).
+        image_pretrained: a local weight file for a ``timm:`` image tower (None: random init).
+        image_size: side the image tower resizes images to (None: the backbone's own input size).
+        freeze_image: freeze the image tower: no gradients, eval mode (always on for ``projection``).
+        freeze_text: freeze the text tower: no gradients, eval mode (always on for ``projection``).
         embed_dim: shared embedding size.
         hidden_dim: projection head hidden width.
         domain_dim: domain embedding size.
@@ -72,6 +77,10 @@ class MetaContrastiveModule(L.LightningModule):
         domains: list[str] = ["natural", "medical"],  # noqa: B006 - read-only default, shown by the CLI
         image_tower: str = "tiny",
         text_tower: str = "tiny",
+        image_pretrained: str | None = None,
+        image_size: int | None = None,
+        freeze_image: bool = False,
+        freeze_text: bool = False,
         embed_dim: int = 128,
         hidden_dim: int = 256,
         domain_dim: int = 32,
@@ -98,11 +107,12 @@ class MetaContrastiveModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.domains = list(domains)
-        self.model = DomainConditionedCLIP(len(domains), image_tower, text_tower, embed_dim, hidden_dim, domain_dim,
-                                           condition_image, condition_text)
-        if method == "projection":
-            set_trainable(self.model.image_tower, False)
-            set_trainable(self.model.text_tower, False)
+        frozen = method == "projection"  # the second seed paper: frozen towers, trained heads
+        self.model = DomainConditionedCLIP(
+            len(domains), image_tower, text_tower, image_pretrained=image_pretrained, image_size=image_size,
+            freeze_image=freeze_image or frozen, freeze_text=freeze_text or frozen, embed_dim=embed_dim,
+            hidden_dim=hidden_dim, domain_dim=domain_dim, condition_image=condition_image, condition_text=condition_text,
+        )
         self.learner = build_learner(self.model, adapt_scope, algorithm, inner_lr, first_order)
         self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]
         self.episode_acc = nn.ModuleDict({stage: nn.ModuleDict({str(i): CatMetric() for i in range(len(domains))})
