@@ -14,7 +14,7 @@ from PIL import Image
 from metacontrastive.data import converters
 from metacontrastive.data.converters import read_captions, read_coco, read_imagefolder, read_npz, write_domain
 from metacontrastive.data.prepare import main
-from metacontrastive.data.shards import load_manifest, split_urls, stream_records
+from metacontrastive.data.shards import decode_record, load_manifest, split_urls
 
 
 def _image(path, seed, size=(20, 16), mode="RGB"):
@@ -65,7 +65,7 @@ def test_imagefolder_round_trip_resizes_png_and_fills_templates(tmp_path):
             np.testing.assert_array_equal(_decode(sample["png"]), np.asarray(expected))
 
 
-def test_stream_records_reads_converted_shards(tmp_path):
+def test_decode_record_reads_converted_shards(tmp_path):
     src = tmp_path / "src"
     for c, name in enumerate(("a", "b", "c")):
         for i in range(2):
@@ -74,7 +74,7 @@ def test_stream_records_reads_converted_shards(tmp_path):
     write_domain(read_imagefolder(src), "d", out, source="test")
     manifest = load_manifest(out, "d")
     (name,) = manifest["splits"]["train"]["classes"]  # 3 classes: one per split
-    records = list(stream_records(split_urls(out, "d", "train", manifest), image_size=8, seed=0, resampled=False))
+    records = [decode_record(sample, image_size=8) for sample in _samples(out, "d")[1]["train"]]
     assert [r.label for r in records] == [manifest["classes"].index(name)] * 2
     assert {r.text for r in records} == {f"a photo of a {name}"}
     originals = [np.asarray(Image.open(src / name / f"{i}.png")) for i in range(2)]
