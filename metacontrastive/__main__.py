@@ -1,5 +1,21 @@
-"""``python -m metacontrastive``: see ``metacontrastive.cli``."""
-from metacontrastive.cli import main
+"""``python -m metacontrastive``: ``prepare ...`` runs the shard converters (without importing Lightning
+or the models, so data preparation starts fast); anything else goes to the LightningCLI in ``cli.py``."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["prepare"]:
+        from metacontrastive.data.prepare import main as prepare_main
+
+        prepare_main(args[1:])
+    else:
+        from metacontrastive.cli import main as cli_main
+
+        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,10 @@
-"""The command line: ``python -m metacontrastive {fit,validate,test} ...`` (LightningCLI) and
-``python -m metacontrastive prepare ...`` (shard converters, see ``metacontrastive.data.prepare``).
+"""The training command line: ``python -m metacontrastive {fit,validate,test} ...`` (LightningCLI).
+(``python -m metacontrastive prepare ...``, the shard converters, is dispatched in ``__main__.py``.)
 
 The model's ``domains`` are linked to the data module's, so a run names its domains once:
 ``--data.domains=[natural,medical]``.
 """
 from __future__ import annotations
-
-import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -23,14 +21,8 @@ class MetaCLI(LightningCLI):
         parser.link_arguments("data.domains", "model.domains")
 
 
-def main(args: list[str] | None = None) -> MetaCLI | None:
-    """Entry point; ``args`` defaults to ``sys.argv[1:]``."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "prepare":
-        from metacontrastive.data.prepare import main as prepare_main
-
-        prepare_main(argv[1:])
-        return None
+def main(args: list[str] | None = None) -> MetaCLI:
+    """Run LightningCLI on ``args`` (default: the command line)."""
     return MetaCLI(
         MetaContrastiveModule,
         EpisodicDataModule,
