@@ -1,21 +1,39 @@
-"""Episodic task sampling: N-way K-shot tasks from a stream of records, with bounded memory.
+"""Episodic task sampling: tasks from a stream of records, with bounded memory.
 
-``EpisodeSampler`` keeps a bounded reservoir of records per class, fed from a (shuffled) stream, and
-draws an episode whenever enough classes hold ``shots + queries`` records. ``FixedEpisodes`` is the
-evaluation counterpart: a seeded, fixed list of episodes drawn from a bounded pool of each split, the
-same for every run and every method.
+Labelled domains give N-way K-shot tasks: ``EpisodeSampler`` keeps a bounded reservoir of distinct
+records per class, fed from a shuffled stream, and draws an episode whenever ``ways`` classes hold
+``shots + queries`` records. Caption-only domains give tasks of ``support_size + query_size``
+consecutive distinct pairs of the shuffled stream (``CaptionSampler``); their texts are the unique
+captions, and identical captions share a label. ``DomainTaskStream`` chains shards, sampler and task
+building for one domain; ``domain_schedule`` picks the domain of each task of a meta-batch.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
-from metacontrastive.data.shards import Record
+from metacontrastive.data.shards import Record, RecordStream
+from metacontrastive.data.sources import DomainSplit
 
-__all__ = ["EpisodeSampler", "Task", "check_episode_shape", "episodes", "make_task"]
+__all__ = [
+    "DOMAIN_SAMPLING",
+    "CaptionSampler",
+    "DomainTaskStream",
+    "EpisodeSampler",
+    "EpisodeShape",
+    "Task",
+    "domain_schedule",
+    "episodes",
+    "make_caption_task",
+    "make_task",
+    "mix_seed",
+]
+
+DOMAIN_SAMPLING = ("uniform", "proportional", "round_robin")
 
 
 @dataclass
@@ -23,7 +41,9 @@ class Task:
     """One task T_i = (domain, support, query). Labels index ``texts``.
 
     For an N-way K-shot episode ``texts`` holds the N class prompts, ``support_labels`` (N*K,) and
-    ``query_labels`` (N*Q,) take values in 0..N-1 and ``classes`` names the N classes.
+    ``query_labels`` (N*Q,) take values in 0..N-1 and ``classes`` names the N classes. For a
+    caption-only task ``texts`` holds the unique captions of support and query together, a label
+    indexes its pair's caption (identical captions share one) and ``classes`` is empty.
     """
 
     domain: str
@@ -40,74 +60,239 @@ class Task:
         return bool(self.classes)
 
 
-def check_episode_shape(ways: int, shots: int, queries: int) -> None:
-    """Reject episode shapes that cannot form a task."""
-    if ways < 2 or shots < 1 or queries < 1:
-        raise ValueError(f"an episode needs ways >= 2, shots >= 1 and queries >= 1; got {ways}-way {shots}-shot {queries}-query")
+@dataclass(frozen=True)
+class EpisodeShape:
+    """The size of a task: ``ways`` x (``shots`` + ``queries``) records when labelled,
+    ``support_size`` + ``query_size`` pairs when caption-only."""
+
+    ways: int
+    shots: int
+    queries: int
+    support_size: int
+    query_size: int
+
+    def __post_init__(self) -> None:
+        if self.ways < 2 or self.shots < 1 or self.queries < 1:
+            raise ValueError(f"an episode needs ways >= 2, shots >= 1 and queries >= 1; "
+                             f"got {self.ways}-way {self.shots}-shot {self.queries}-query")
+        if self.support_size < 1 or self.query_size < 1:
+            raise ValueError(f"a caption-only task needs support_size >= 1 and query_size >= 1; "
+                             f"got {self.support_size} and {self.query_size}")
+
+    @property
+    def per_class(self) -> int:
+        return self.shots + self.queries
+
+    @property
+    def caption_size(self) -> int:
+        return self.support_size + self.query_size
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, rank, worker, ...), the same in every process."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _stack(records: list[Record]) -> torch.Tensor:
+    return torch.stack([r.image for r in records]).float().div_(255.0)  # (n, 3, H, W) in [0, 1]
 
 
 def make_task(domain: str, domain_id: int, class_names: list[str], groups: list[list[Record]], shots: int, template: str) -> Task:
-    """Build a labelled task from ``groups[i]``, the records of class ``class_names[i]``: the first
-    ``shots`` records of each class are the support set, the rest the query set."""
-    def stack(records: list[Record]) -> torch.Tensor:
-        return torch.stack([r.image for r in records]).float().div_(255.0)  # (n, 3, H, W)
-
-    support = [r for g in groups for r in g[:shots]]
-    query = [r for g in groups for r in g[shots:]]
-    support_labels = torch.tensor([i for i, g in enumerate(groups) for _ in g[:shots]])
-    query_labels = torch.tensor([i for i, g in enumerate(groups) for _ in g[shots:]])
+    """Build a labelled task from ``groups[i]``, the records of class ``class_names[i]`` (every group the
+    same size): the first ``shots`` records of each class are the support set, the rest the query set."""
+    ways, queries = len(groups), len(groups[0]) - shots
+    records = [r for g in groups for r in g[:shots]] + [r for g in groups for r in g[shots:]]
+    images = _stack(records)  # (N*K + N*Q, 3, H, W), one conversion for the whole task
+    support_labels = torch.arange(ways).repeat_interleave(shots)  # (N*K,)
+    query_labels = torch.arange(ways).repeat_interleave(queries)  # (N*Q,)
     texts = [template.format(label=name) for name in class_names]
-    return Task(domain, domain_id, texts, stack(support), support_labels, stack(query), query_labels, list(class_names))
+    n = ways * shots
+    return Task(domain, domain_id, texts, images[:n], support_labels, images[n:], query_labels, list(class_names))
+
+
+def make_caption_task(domain: str, domain_id: int, records: list[Record], support_size: int) -> Task:
+    """Build a caption-only task: the first ``support_size`` pairs are the support set, the rest the query
+    set; ``texts`` are the unique captions in order of appearance and a label indexes its caption."""
+    texts = list(dict.fromkeys(r.text for r in records))
+    index = {text: i for i, text in enumerate(texts)}
+    labels = torch.tensor([index[r.text] for r in records])  # (S + Q,)
+    images = _stack(records)  # (S + Q, 3, H, W)
+    s = support_size
+    return Task(domain, domain_id, texts, images[:s], labels[:s], images[s:], labels[s:])
 
 
 class EpisodeSampler:
-    """Bounded per-class reservoirs over a record stream, drawing N-way (K+Q)-per-class episodes.
+    """Bounded per-class reservoirs of distinct records, drawing N-way (K+Q)-per-class episodes.
+
+    A full reservoir replaces a random slot, so it follows the stream; a record met again on a later
+    pass is not added twice, so an episode never holds the same record twice.
 
     Args:
         ways: classes per episode (N).
         per_class: records per class in an episode (K + Q).
-        capacity: records kept per class; a full reservoir replaces a random slot.
+        capacity: records kept per class.
         rng: the random source (seeded by the caller with rank and worker).
-        allowed: class ids to keep; records of other classes are ignored.
     """
 
-    def __init__(self, ways: int, per_class: int, capacity: int, rng: random.Random, allowed: set[int] | None = None) -> None:
+    def __init__(self, ways: int, per_class: int, capacity: int, rng: random.Random) -> None:
         if capacity < per_class:
             raise ValueError(f"reservoir capacity {capacity} is below shots + queries = {per_class}")
-        self.ways, self.per_class, self.capacity, self.rng, self.allowed = ways, per_class, capacity, rng, allowed
+        self.ways, self.per_class, self.capacity, self.rng = ways, per_class, capacity, rng
         self.reservoirs: dict[int, list[Record]] = {}
+        self._keys: dict[int, set[str]] = {}
+        self._ready_classes: list[int] = []  # classes holding per_class records, in the order they got there
+
+    @property
+    def step(self) -> int:
+        """Records one episode uses: the stream moves on by this many between episodes."""
+        return self.ways * self.per_class
 
     def add(self, record: Record) -> None:
-        if self.allowed is not None and record.label not in self.allowed:
-            return
         slot = self.reservoirs.setdefault(record.label, [])
+        keys = self._keys.setdefault(record.label, set())
+        if record.key in keys:
+            return
         if len(slot) < self.capacity:
             slot.append(record)
+            if len(slot) == self.per_class:
+                self._ready_classes.append(record.label)
         else:
-            slot[self.rng.randrange(self.capacity)] = record
+            i = self.rng.randrange(self.capacity)
+            keys.discard(slot[i].key)
+            slot[i] = record
+        keys.add(record.key)
 
     def ready(self) -> bool:
-        return sum(len(s) >= self.per_class for s in self.reservoirs.values()) >= self.ways
+        return len(self._ready_classes) >= self.ways
 
     def sample(self) -> tuple[list[int], list[list[Record]]]:
         """Draw ``ways`` distinct classes and ``per_class`` distinct records of each."""
-        full = sorted(c for c, s in self.reservoirs.items() if len(s) >= self.per_class)
-        classes = self.rng.sample(full, self.ways)
+        classes = self.rng.sample(self._ready_classes, self.ways)
         return classes, [self.rng.sample(self.reservoirs[c], self.per_class) for c in classes]
 
     def buffered(self) -> int:
         return sum(len(s) for s in self.reservoirs.values())
 
 
-def episodes(records: Iterator[Record], sampler: EpisodeSampler) -> Iterator[tuple[list[int], list[list[Record]]]]:
-    """Yield episodes from ``sampler`` while feeding it ``records``: after each episode the stream moves
-    on by one episode's worth of records, so episodes keep drawing fresh data."""
-    step = sampler.ways * sampler.per_class
+class CaptionSampler:
+    """Groups a caption stream into tasks of ``size`` consecutive pairs with distinct keys.
+
+    Args:
+        size: pairs per task (support + query).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.step = size
+        self._batch: list[Record] = []
+        self._keys: set[str] = set()
+
+    def add(self, record: Record) -> None:
+        if record.key not in self._keys:  # the shuffle buffer can bring a record back within one task
+            self._batch.append(record)
+            self._keys.add(record.key)
+
+    def ready(self) -> bool:
+        return len(self._batch) >= self.step
+
+    def sample(self) -> list[Record]:
+        batch, self._batch, self._keys = self._batch, [], set()
+        return batch
+
+    def buffered(self) -> int:
+        return len(self._batch)
+
+
+def episodes(records: Iterator[Record], sampler: EpisodeSampler | CaptionSampler, patience: int) -> Iterator:
+    """Yield draws from ``sampler`` while feeding it ``records``: after each draw the stream moves on by
+    ``sampler.step`` records, so draws keep taking fresh data.
+
+    Raises:
+        RuntimeError: ``patience`` records passed without a draw (too few decodable samples), or the stream ended.
+    """
     fresh = 0
     for record in records:
         sampler.add(record)
         fresh += 1
-        if fresh >= step and sampler.ready():
+        if fresh >= sampler.step and sampler.ready():
             fresh = 0
             yield sampler.sample()
-    raise RuntimeError("the record stream ended before an episode could be drawn: too few samples per class for this episode shape")
+        elif fresh > patience:
+            raise RuntimeError(f"{fresh} records streamed without forming a task: too few decodable samples per class "
+                               "for this episode shape (check the skip warnings above)")
+    raise RuntimeError("the record stream ended before a task could be drawn: too few samples for this episode shape")
+
+
+class DomainTaskStream:
+    """One domain's infinite stream of training tasks.
+
+    Shuffled shards -> class filter -> shuffle buffer -> decode -> sampler -> ``Task``. It holds at most
+    ``max_buffered`` records: the shuffle buffer plus ``reservoir`` per usable class (labelled) or one
+    task in progress (caption-only), whatever the size of the domain.
+
+    Args:
+        split: the domain's training split.
+        shape: the task shape.
+        image_size: side length images are resized to.
+        shuffle_buffer: raw samples held for shuffling.
+        reservoir: records kept per class.
+        seed: seeds shard order, shuffle, episode draws and prompt templates.
+        strict: raise on a corrupt sample instead of skipping it.
+    """
+
+    def __init__(self, split: DomainSplit, shape: EpisodeShape, image_size: int, shuffle_buffer: int, reservoir: int,
+                 seed: int, strict: bool = False) -> None:
+        self.split, self.shape = split, shape
+        self.records = RecordStream(split.urls, image_size, mix_seed(seed, 0), resampled=True, shuffle_buffer=shuffle_buffer,
+                                    labels=set(split.usable) if split.labelled else None, strict=strict,
+                                    where=f"domain {split.name!r} train")
+        self._rng = random.Random(mix_seed(seed, 1))
+        if split.labelled:
+            self.sampler: EpisodeSampler | CaptionSampler = EpisodeSampler(shape.ways, shape.per_class, reservoir, self._rng)
+            self.max_buffered = shuffle_buffer + reservoir * len(split.usable)
+        else:
+            self.sampler = CaptionSampler(shape.caption_size)
+            self.max_buffered = shuffle_buffer + shape.caption_size
+        patience = 2 * (split.num_samples + shuffle_buffer)  # a sound split forms a task within one pass
+        self._draws = episodes(iter(self.records), self.sampler, patience)
+
+    def buffered(self) -> int:
+        """Records held now: the shuffle buffer plus the sampler's."""
+        return self.records.buffered + self.sampler.buffered()
+
+    def __iter__(self) -> DomainTaskStream:
+        return self
+
+    def __next__(self) -> Task:
+        split = self.split
+        if not split.labelled:
+            return make_caption_task(split.name, split.domain_id, next(self._draws), self.shape.support_size)
+        classes, groups = next(self._draws)
+        names = [split.classes[c] for c in classes]
+        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, self._rng.choice(split.templates))
+
+
+def domain_schedule(mode: str, weights: Sequence[float], tasks: int, rng: random.Random, batch_index: int) -> list[int]:
+    """The domain index of each task of one meta-batch.
+
+    ``round_robin`` cycles through the domains across consecutive meta-batches; ``uniform`` and
+    ``proportional`` draw each task's domain at random with ``weights``. With two or more domains and
+    tasks, a meta-batch always mixes domains (the alignment term needs two): a random draw that
+    lands on one domain has one task, picked at random, redrawn from the others.
+
+    Args:
+        mode: one of ``DOMAIN_SAMPLING``.
+        weights: one per domain (``uniform``: equal; ``proportional``: train samples); unused by round robin.
+        tasks: tasks per meta-batch.
+        rng: the random source.
+        batch_index: the meta-batch's index in this rank's stream (round robin's position).
+    """
+    n = len(weights)
+    if mode == "round_robin":
+        return [(batch_index * tasks + t) % n for t in range(tasks)]
+    if mode not in DOMAIN_SAMPLING:
+        raise ValueError(f"domain_sampling must be one of {DOMAIN_SAMPLING}, not {mode!r}")
+    ids = rng.choices(range(n), weights=weights, k=tasks)
+    if n > 1 and tasks > 1 and len(set(ids)) == 1:
+        others = [d for d in range(n) if d != ids[0]]
+        ids[rng.randrange(tasks)] = rng.choices(others, weights=[weights[d] for d in others])[0]
+    return ids

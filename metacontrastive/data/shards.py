@@ -26,14 +26,18 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import tarfile_samples
 
 __all__ = [
     "SPLITS",
     "DomainWriter",
     "Record",
+    "RecordStream",
+    "SkipCounter",
     "available_domains",
     "decode_record",
     "load_manifest",
+    "sample_label",
     "split_urls",
     "stream_records",
 ]
@@ -193,7 +197,7 @@ def split_urls(root: str | Path, domain: str, split: str, manifest: dict) -> lis
 
 @dataclass
 class Record:
-    """One decoded sample: a uint8 image (3, H, W), its caption and its class index (-1 if none)."""
+    """One decoded sample: a uint8 image (3, H, W), its caption, its class index (-1 if none) and its key."""
 
     image: torch.Tensor
     text: str
@@ -201,38 +205,144 @@ class Record:
     key: str
 
 
+def sample_label(sample: dict) -> int:
+    """The class index of a raw sample, read without decoding its image (-1 for caption-only data)."""
+    return int(sample["cls"]) if "cls" in sample else -1
+
+
 def decode_record(sample: dict, image_size: int) -> Record:
-    """Decode a raw WebDataset sample into a ``Record`` with the image resized to ``image_size``."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
-    image = Image.open(io.BytesIO(sample[key])).convert("RGB")
+    """Decode a raw WebDataset sample into a ``Record`` with the image resized to ``image_size``.
+
+    Raises:
+        ValueError: the sample has no image or no caption.
+        OSError: the image bytes do not decode (PIL's error).
+    """
+    fmt = next((k for k in IMAGE_KEYS if k in sample), None)
+    if fmt is None or "txt" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')!r} lacks an image ({'/'.join(IMAGE_KEYS)}) or a caption (txt)")
+    image = Image.open(io.BytesIO(sample[fmt]))
+    image.draft("RGB", (image_size, image_size))  # JPEG only: decode at a reduced scale when much larger
+    image = image.convert("RGB")  # greyscale shards hold one channel; the towers take three
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
-    label = int(sample["cls"]) if "cls" in sample else -1
-    return Record(array, sample["txt"].decode() if isinstance(sample["txt"], bytes) else sample["txt"], label, sample["__key__"])
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    text = sample["txt"]
+    return Record(pixels, text.decode() if isinstance(text, bytes) else text, sample_label(sample), sample["__key__"])
 
 
-def stream_records(
-    urls: list[str],
-    image_size: int,
-    seed: int,
-    resampled: bool,
-    shuffle_buffer: int = 0,
-) -> Iterator[Record]:
-    """Stream decoded records from shards.
+class SkipCounter:
+    """A WebDataset error handler that skips and counts, or raises when ``strict``.
+
+    It serves both the tar reader (an unreadable shard or member: the rest of that shard is skipped)
+    and the decoder (one undecodable sample). It logs the first ten skips, then every power of two, so
+    a resampled stream that meets the same broken sample on every pass does not flood the log.
 
     Args:
-        urls: shard URLs (local paths or anything WebDataset opens).
-        image_size: side length images are resized to.
-        seed: seeds shard resampling and the shuffle buffer; callers mix in rank and worker.
-        resampled: draw shards with replacement forever (training) or read each once in order.
-        shuffle_buffer: sample shuffle buffer size (0: no shuffle).
+        where: names the stream in log lines.
+        strict: raise the error instead of skipping.
     """
-    source = wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled else wds.SimpleShardList(urls)
-    stages = [source, wds.tarfile_to_samples()]
-    if shuffle_buffer:
-        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)))
-    for sample in wds.DataPipeline(*stages):
-        yield decode_record(sample, image_size)
+
+    def __init__(self, where: str, strict: bool = False) -> None:
+        self.where, self.strict, self.count = where, strict, 0
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.strict:
+            raise exn
+        self.count += 1
+        if self.count <= 10 or self.count & (self.count - 1) == 0:
+            log.warning("%s: skipped a corrupt sample or shard (%d skipped so far): %r", self.where, self.count, exn)
+        return True
+
+
+class RecordStream:
+    """Decoded records from shards: shard shuffle, a bounded sample shuffle buffer, counted skips.
+
+    Raw samples flow shard order -> tar members -> class filter -> shuffle buffer -> decode, so records
+    of classes nobody asked for cost neither buffer space nor decoding, and each kept record is decoded
+    once. Besides one sample in flight, the stream holds at most ``shuffle_buffer`` raw samples.
+
+    Args:
+        urls: shard URLs (local paths or anything ``webdataset.gopen`` opens: ``pipe:``, http(s)).
+        image_size: side length images are resized to.
+        seed: seeds the shard order and the shuffle buffer; callers mix in rank, worker and epoch.
+        resampled: loop over the shards forever, each pass in a fresh seeded order (training);
+            otherwise read each shard once in the given order (evaluation pools).
+        shuffle_buffer: raw samples held for shuffling (0: no shuffle).
+        labels: class ids to keep (None: keep every sample).
+        strict: raise on a corrupt sample or shard instead of skipping it.
+        where: names the stream in log lines and errors.
+
+    Attributes:
+        read: raw samples read from the shards so far.
+        skips: counts what was skipped.
+    """
+
+    def __init__(self, urls: list[str], image_size: int, seed: int, resampled: bool, shuffle_buffer: int = 0,
+                 labels: set[int] | None = None, strict: bool = False, where: str = "shards") -> None:
+        if not urls:
+            raise ValueError(f"{where}: no shard URLs to stream")
+        self.urls, self.image_size, self.seed, self.resampled = list(urls), image_size, seed, resampled
+        self.shuffle_buffer, self.labels, self.where = shuffle_buffer, labels, where
+        self.skips = SkipCounter(where, strict)
+        self.read = 0
+        self._buffer: list[dict] = []
+
+    @property
+    def buffered(self) -> int:
+        """Raw samples held in the shuffle buffer now."""
+        return len(self._buffer)
+
+    def __iter__(self) -> Iterator[Record]:
+        rng = random.Random(self.seed)
+        for sample in self._shuffled(self._kept(rng), rng):
+            try:
+                record = decode_record(sample, self.image_size)
+            except Exception as exn:  # noqa: BLE001 - any decoder error is a corrupt sample
+                self.skips(exn)
+                continue
+            yield record
+
+    def _shards(self, rng: random.Random) -> Iterator[dict]:
+        if not self.resampled:
+            yield from ({"url": url} for url in self.urls)
+            return
+        while True:
+            before = self.read
+            for url in rng.sample(self.urls, len(self.urls)):
+                yield {"url": url}
+            if self.read == before:  # else an unreadable data set would spin forever
+                raise RuntimeError(f"{self.where}: a full pass over {len(self.urls)} shards read no sample "
+                                   f"({self.skips.count} skipped); first shard: {self.urls[0]}")
+
+    def _kept(self, rng: random.Random) -> Iterator[dict]:
+        for sample in tarfile_samples(self._shards(rng), handler=self.skips):
+            self.read += 1
+            try:
+                keep = self.labels is None or sample_label(sample) in self.labels
+            except ValueError as exn:  # an unparsable cls member
+                self.skips(exn)
+                continue
+            if keep:
+                yield sample
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if not self.shuffle_buffer:
+            yield from samples
+            return
+        buffer = self._buffer
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        while buffer:
+            yield buffer.pop()
+
+
+def stream_records(urls: list[str], image_size: int, seed: int, resampled: bool, shuffle_buffer: int = 0) -> Iterator[Record]:
+    """Decoded records of ``urls``, skipping corrupt samples: a ``RecordStream`` for callers that need
+    neither its counters nor its class filter (see ``RecordStream`` for the arguments)."""
+    return iter(RecordStream(urls, image_size, seed, resampled, shuffle_buffer))
