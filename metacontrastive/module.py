@@ -44,7 +44,8 @@ class MetaContrastiveModule(L.LightningModule):
         text_tower: text tower name for the tower factory: ``tiny``, ``minilm``, ``hf:<folder>`` or
             ``hf-clip:<folder>`` (``hf-clip`` alone: the image tower's folder, loaded once for both).
         image_pretrained: a local weight file for a ``timm:`` image tower (None: random init).
-        image_size: side the image tower resizes images to (None: the backbone's own input size).
+        tower_image_size: side the image tower resizes images to (None: the backbone's own input size;
+            ``data.image_size`` is the side images are decoded at).
         freeze_image: freeze the image tower: no gradients, eval mode (always on for ``projection``).
         freeze_text: freeze the text tower: no gradients, eval mode (always on for ``projection``).
         embed_dim: shared embedding size.
@@ -78,7 +79,7 @@ class MetaContrastiveModule(L.LightningModule):
         image_tower: str = "tiny",
         text_tower: str = "tiny",
         image_pretrained: str | None = None,
-        image_size: int | None = None,
+        tower_image_size: int | None = None,
         freeze_image: bool = False,
         freeze_text: bool = False,
         embed_dim: int = 128,
@@ -109,9 +110,10 @@ class MetaContrastiveModule(L.LightningModule):
         self.domains = list(domains)
         frozen = method == "projection"  # the second seed paper: frozen towers, trained heads
         self.model = DomainConditionedCLIP(
-            len(domains), image_tower, text_tower, image_pretrained=image_pretrained, image_size=image_size,
-            freeze_image=freeze_image or frozen, freeze_text=freeze_text or frozen, embed_dim=embed_dim,
-            hidden_dim=hidden_dim, domain_dim=domain_dim, condition_image=condition_image, condition_text=condition_text,
+            len(domains), image_tower, text_tower, image_pretrained=image_pretrained,
+            tower_image_size=tower_image_size, freeze_image=freeze_image or frozen, freeze_text=freeze_text or frozen,
+            embed_dim=embed_dim, hidden_dim=hidden_dim, domain_dim=domain_dim,
+            condition_image=condition_image, condition_text=condition_text,
         )
         self.learner = build_learner(self.model, adapt_scope, algorithm, inner_lr, first_order)
         self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]

@@ -144,7 +144,7 @@ def test_minilm_loads_offline_and_embeds_by_meaning(monkeypatch):
 # ------------------------------------------------------------------ freezing
 def test_frozen_tower_gets_no_gradient_stays_in_eval_and_keeps_its_weights():
     torch.manual_seed(0)
-    model = DomainConditionedCLIP(num_domains=2, image_tower="timm:resnet18", image_size=32, freeze_image=True)
+    model = DomainConditionedCLIP(num_domains=2, image_tower="timm:resnet18", tower_image_size=32, freeze_image=True)
     model.train()
     assert not model.image_tower.training and not model.image_tower.model.layer1[0].bn1.training
     assert model.text_tower.training

@@ -41,7 +41,7 @@ class DomainConditionedCLIP(nn.Module):
         text_tower: text tower name, e.g. ``tiny``, ``minilm``, ``hf:/path``, ``hf-clip:/path``; two
             ``hf-clip`` towers share one load, and ``hf-clip`` alone takes the other tower's folder.
         image_pretrained: a local weight file for a ``timm:`` image tower (None: random init).
-        image_size: side the image tower resizes inputs to (None: the backbone's own input size).
+        tower_image_size: side the image tower resizes inputs to (None: the backbone's own input size).
         freeze_image: freeze the image tower (no gradients, eval mode).
         freeze_text: freeze the text tower (no gradients, eval mode).
         embed_dim: size of the shared embedding space.
@@ -59,7 +59,7 @@ class DomainConditionedCLIP(nn.Module):
         image_tower: str = "tiny",
         text_tower: str = "tiny",
         image_pretrained: str | None = None,
-        image_size: int | None = None,
+        tower_image_size: int | None = None,
         freeze_image: bool = False,
         freeze_text: bool = False,
         embed_dim: int = 128,
@@ -72,7 +72,7 @@ class DomainConditionedCLIP(nn.Module):
     ) -> None:
         super().__init__()
         self.image_tower, self.text_tower = build_towers(
-            image_tower, text_tower, image_pretrained, image_size, freeze_image, freeze_text
+            image_tower, text_tower, image_pretrained, tower_image_size, freeze_image, freeze_text
         )
         img_dim, txt_dim = self.image_tower.out_dim, self.text_tower.out_dim
         self.domain = DomainEmbedding(num_domains, domain_dim)
