@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from metacontrastive.models import towers
 from metacontrastive.models.clip import DomainConditionedCLIP
 from metacontrastive.models.towers import build_image_tower, build_text_tower, build_towers
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 TEXTS = ["a photo of a cat", "a photo of a dog on grass", "an MRI scan of a brain tumour"]
 
 
@@ -117,6 +119,28 @@ def test_hf_clip_towers_load_once_with_the_right_shapes(clip_dir, monkeypatch):
 def test_hf_clip_image_tower_runs_at_another_size(clip_dir):
     tower = build_image_tower(f"hf-clip:{clip_dir}", image_size=48)  # position embeddings interpolated
     assert tower(torch.rand(2, 3, 48, 48)).shape == (2, 16)
+
+
+def test_clip_preset_without_a_folder_names_the_option(tmp_path):
+    from metacontrastive.cli import main
+
+    with pytest.raises(ValueError, match=r"needs a folder.*--model.image_tower=hf-clip:"):
+        main(["fit", "-c", str(CONF / "default.yaml"), "-c", str(CONF / "clip_vit_b32.yaml"), f"--data.root={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_clip_preset_trains_with_the_folder_named_once(clip_dir, demo_root, tmp_path):
+    from metacontrastive.cli import main
+
+    cli = main(["fit", "-c", str(CONF / "default.yaml"), "-c", str(CONF / "clip_vit_b32.yaml"),
+                f"--model.image_tower=hf-clip:{clip_dir}", f"--data.root={demo_root}", "--data.image_size=16",
+                "--data.ways=2", "--data.shots=1", "--data.queries=1", "--data.tasks_per_batch=2",
+                "--data.steps_per_epoch=1", "--data.val_episodes=1", "--trainer.max_steps=1",
+                "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    model = cli.model.model
+    assert type(model.image_tower).__name__ == "CLIPImageTower" and type(model.text_tower).__name__ == "CLIPTextTower"
+    assert cli.trainer.global_step == 1 and cli.trainer.precision == "bf16-mixed"
 
 
 def test_hf_clip_without_a_folder_names_the_option():
