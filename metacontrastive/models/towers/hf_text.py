@@ -24,7 +24,7 @@ class HFTextTower(Tower):
     def __init__(self, model: nn.Module, tokenizer) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+        self.max_length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
         self.out_dim = model.config.hidden_size
 
     def forward(self, texts: list[str]) -> torch.Tensor:
