@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints a notice on import
     from learn2learn.algorithms import MAML, MetaSGD
@@ -73,9 +74,13 @@ def adapt(
     Returns:
         The detached support loss before each step, for logging; no host sync happens here.
     """
+    # Second-order MAML differentiates the support forward twice; the fused attention kernels have no
+    # double backward, so attention inside the scope (adapt_scope=all) must use the math kernel.
+    kernel = contextlib.nullcontext() if learner.first_order else sdpa_kernel(SDPBackend.MATH)
     losses = []
-    for _ in range(steps):
-        loss = support_loss(learner.module)
-        learner.adapt(loss)
-        losses.append(loss.detach())
+    with kernel:
+        for _ in range(steps):
+            loss = support_loss(learner.module)
+            learner.adapt(loss)
+            losses.append(loss.detach())
     return losses

@@ -74,3 +74,12 @@ def test_param_groups_cover_every_trainable_parameter_once():
     lr = {g["name"]: g["lr"] for g in groups}
     assert lr["towers"] == 1e-4 and lr["domain_no_decay"] == 1e-2 and lr["metasgd_no_decay"] == 1e-5 and lr["fast"] == 1e-3
     assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("_no_decay"))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_adapting_everything_works_through_attention(first_order):
+    # scope `all` differentiates through the towers' attention twice (second order)
+    torch.manual_seed(0)
+    module = MetaContrastiveModule(adapt_scope="all", first_order=first_order, domain_dropout=0.0)
+    _one_step(module)
+    assert module.model.text_tower.token.weight.grad.abs().sum() > 0
