@@ -198,7 +198,7 @@ def test_a_truncated_shard_is_skipped_and_counted(tmp_path):
     stream = RecordStream(urls, 8, seed=0, resampled=False)
     assert 30 < len(list(stream)) < 40
     assert stream.skips.count >= 1  # the read error; a sample cut short before its image is one more
-    with pytest.raises(tarfile.ReadError):
+    with pytest.raises((tarfile.ReadError, ValueError)):  # whichever the cut meets first
         list(RecordStream(urls, 8, seed=0, resampled=False, strict=True))
 
 

@@ -120,7 +120,9 @@ class DomainWriter:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         if split not in self.writers:
             pattern = str(self.staging / f"{split}-%06d.tar")
-            self.writers[split] = wds.ShardWriter(pattern, maxcount=self.maxcount, verbose=0)
+            # an integer mtime: a float one (the default, time.time()) gives every member a PAX header, which
+            # doubles the tar parsing that dominates reading; it also makes shards byte-for-byte reproducible
+            self.writers[split] = wds.ShardWriter(pattern, maxcount=self.maxcount, verbose=0, mtime=0)
             self.counts[split] = Counter()
         name = self.classes[label] if label is not None else None
         sample = {
@@ -225,7 +227,7 @@ def decode_record(sample: dict, image_size: int) -> Record:
     image = image.convert("RGB")  # greyscale shards hold one channel; the towers take three
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))  # (3, H, W)
     text = sample["txt"]
     return Record(pixels, text.decode() if isinstance(text, bytes) else text, sample_label(sample), sample["__key__"])
 

@@ -1,0 +1,123 @@
+"""How fast the episodic loader delivers against how fast training consumes, measured in one run.
+
+The data module and the model come from conf/default.yaml through the real CLI parser, so the episode
+shape (5-way 5-shot 15-query, 4 tasks per meta-batch) and the model are the defaults. The script times:
+
+- the training DataLoader with 0, 1 and 2 workers: meta-batches, episodes and images per second
+  after the first meta-batch (time to first batch, which fills the reservoirs, is printed apart);
+- the real ``MetaContrastiveModule`` training step (forward, backward, gradient clipping, AdamW) in a
+  Lightning ``Trainer`` fed meta-batches prepared in advance, so that only training is timed;
+
+and prints the ratio loader rate / training rate (target: at least 3 with 2 workers). Both run on
+the same machine, one after the other; on a shared machine the numbers move with the load, which is
+printed too.
+
+Usage:
+    python bench/data_throughput.py [--root data/shards] [--batches 40] [--train-steps 6]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from metacontrastive.cli import MetaCLI
+from metacontrastive.data.datamodule import EpisodicDataModule
+from metacontrastive.data.shards import available_domains
+from metacontrastive.data.synthetic import write_synthetic
+from metacontrastive.module import MetaContrastiveModule
+
+
+def _build(root: str, extra: list[str]) -> MetaCLI:
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # this script's own flags are not the CLI's
+    args = ["-c", "conf/default.yaml", f"--data.root={root}", "--trainer.logger=false", *extra]
+    return MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False, args=args,
+                   trainer_defaults={"inference_mode": False}, save_config_kwargs={"overwrite": True})
+
+
+def _loader_rate(dm: EpisodicDataModule, batches: int) -> tuple[float, float]:
+    """Seconds to the first meta-batch, and meta-batches per second after it."""
+    start = time.perf_counter()
+    it = iter(dm.train_dataloader())
+    next(it)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return first, batches / (time.perf_counter() - start)
+
+
+class _StepTimer(L.Callback):
+    """Wall time of each training step (batch start to batch end, optimizer step included)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _train_rate(cli: MetaCLI, batches: list, steps: int, warmup: int) -> float:
+    """Training steps per second of the configured module on ready meta-batches."""
+    timer = _StepTimer()
+    trainer = L.Trainer(accelerator=cli.trainer.accelerator, devices=1, max_steps=warmup + steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, inference_mode=False, callbacks=[timer],
+                        gradient_clip_val=cli.trainer.gradient_clip_val)
+    trainer.fit(cli.model, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+    timed = timer.times[warmup:]
+    return len(timed) / sum(timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=None, help="shards root (default: write the demo shards to a temp dir)")
+    parser.add_argument("--batches", type=int, default=40, help="meta-batches timed per worker setting")
+    parser.add_argument("--train-steps", type=int, default=6, help="training steps timed (after one warm-up step)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root
+        if root is None or not {"natural", "medical"} <= set(available_domains(root)):
+            root = tmp
+            for domain in ("natural", "medical"):
+                write_synthetic(domain, root)  # the `make data` defaults: 60 images per class, 32 px
+
+        rates = {}
+        for workers in (0, 1, 2):
+            cli = _build(root, [f"--data.num_workers={workers}", f"--data.steps_per_epoch={args.batches + 8}"])
+            cli.datamodule.setup("fit")
+            rates[workers] = _loader_rate(cli.datamodule, args.batches)
+
+        cli = _build(root, [])
+        dm = cli.datamodule
+        dm.setup("fit")
+        it = iter(dm.train_dataloader())
+        batches = [next(it) for _ in range(1 + args.train_steps)]
+        train = _train_rate(cli, batches, args.train_steps, warmup=1)
+
+    hp = dm.hparams
+    images = hp.ways * (hp.shots + hp.queries)
+    print(f"machine: {os.cpu_count()} CPU cores (shared with other jobs; load average {os.getloadavg()[0]:.1f}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, training on {cli.trainer.strategy.root_device}")
+    print(f"episode: {hp.ways}-way {hp.shots}-shot {hp.queries}-query ({images} images of {hp.image_size} px), "
+          f"{hp.tasks_per_batch} tasks per meta-batch, domains {dm.domains}")
+    print(f"training (conf/default.yaml, MetaContrastiveModule.training_step + backward + AdamW, {args.train_steps} steps): "
+          f"{train:.3f} steps/s = {train * hp.tasks_per_batch:.2f} episodes/s")
+    print(f"{'workers':>7} {'first batch s':>13} {'batches/s':>10} {'episodes/s':>11} {'images/s':>9} {'loader/train':>13}")
+    for workers, (first, rate) in rates.items():
+        episodes = rate * hp.tasks_per_batch
+        print(f"{workers:>7} {first:>13.2f} {rate:>10.2f} {episodes:>11.1f} {episodes * images:>9.0f} {rate / train:>12.1f}x")
+
+
+if __name__ == "__main__":
+    main()
