@@ -25,6 +25,7 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 from torch.utils.data import DataLoader
 
 from metacontrastive.cli import MetaCLI
@@ -44,13 +45,16 @@ def _build(root: str, extra: list[str]) -> MetaCLI:
 def _loader_rate(dm: EpisodicDataModule, batches: int) -> tuple[float, float]:
     """Seconds to the first meta-batch, and meta-batches per second after it."""
     start = time.perf_counter()
-    it = iter(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    it = iter(loader)
     next(it)
     first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(batches):
         next(it)
-    return first, batches / (time.perf_counter() - start)
+    rate = batches / (time.perf_counter() - start)
+    _shutdown_workers_and_reset_iterator(loader)  # free the cores before the next measurement
+    return first, rate
 
 
 class _StepTimer(L.Callback):
@@ -108,7 +112,8 @@ def main() -> None:
     hp = dm.hparams
     images = hp.ways * (hp.shots + hp.queries)
     print(f"machine: {os.cpu_count()} CPU cores (shared with other jobs; load average {os.getloadavg()[0]:.1f}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, training on {cli.trainer.strategy.root_device}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+          f"training on {cli.trainer.strategy.root_device}")
     print(f"episode: {hp.ways}-way {hp.shots}-shot {hp.queries}-query ({images} images of {hp.image_size} px), "
           f"{hp.tasks_per_batch} tasks per meta-batch, domains {dm.domains}")
     print(f"training (conf/default.yaml, MetaContrastiveModule.training_step + backward + AdamW, {args.train_steps} steps): "

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.combined_loader import _shutdown_workers_and_reset_iterator
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from metacontrastive.data.datamodule import EpisodicDataModule, MetaBatchStream
 from metacontrastive.data.shards import SPLITS, DomainWriter, RecordStream
@@ -27,17 +27,18 @@ def _write_domain(root, domain, *, classes=5, per_class=8, short=0, labelled=Tru
     that do not decode. Caption-only data (``labelled=False``) repeats each caption three times."""
     rng = np.random.default_rng(zlib.crc32(domain.encode()))
     names = [f"{domain} thing {i}" for i in range(3 * classes)] if labelled else []
-    i = 0
+    train_index = 0
     with DomainWriter(root, domain, names, ["a photo of a {label}"], "test", maxcount=maxcount) as writer:
         for s, split in enumerate(SPLITS):
             for c in range(classes):
                 for j in range(3 if split == "train" and c >= classes - short else per_class):
                     label = s * classes + c if labelled else None
-                    caption = f"a photo of a {names[label]}" if labelled else f"{domain} {split} caption {(c * per_class + j) // 3}"
+                    caption = f"a photo of a {names[label]}" if labelled else f"{domain} {split} {(c * per_class + j) // 3}"
                     image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-                    writer.write(split, f"{domain}-{split}-{c:02d}-{j:03d}", b"\x89PNG broken" if split == "train" and i in corrupt else image,
-                                 caption, label)
-                    i += split == "train"
+                    if split == "train" and train_index in corrupt:
+                        image = b"\x89PNG broken"  # written as they are: bytes that do not decode
+                    writer.write(split, f"{domain}-{split}-{c:02d}-{j:03d}", image, caption, label)
+                    train_index += split == "train"
     return root / domain
 
 
@@ -89,16 +90,19 @@ def test_a_stream_goes_on_across_epochs(root):
 
 
 def test_two_ranks_with_two_workers_never_share_an_episode(root):
-    seen = []
-    for rank in (0, 1):
+    def rank_episodes(rank):
         dm = EpisodicDataModule(root=str(root), num_workers=2, **{**SMALL, "steps_per_epoch": 6})
         dm.trainer = SimpleNamespace(global_rank=rank, current_epoch=0)  # the rank comes from the trainer
         loader = dm.train_dataloader()
         assert isinstance(loader.dataset, MetaBatchStream) and loader.dataset.rank == rank
         batches = list(loader)
-        assert len(batches) == len(loader) == 6
-        seen += [_fingerprint(t) for b in batches for t in b]
+        _shutdown_workers_and_reset_iterator(loader)  # as Lightning does at teardown; gc would wait 5 s per loader
+        assert len(batches) == len(loader) == 6  # steps_per_epoch, split over the workers
+        return [_fingerprint(t) for b in batches for t in b]
+
+    seen = rank_episodes(0) + rank_episodes(1)
     assert len(seen) == 2 * 6 * 4 and len(set(seen)) == len(seen)
+    assert rank_episodes(1) == seen[24:]  # reproducible with workers too
 
 
 @pytest.mark.parametrize("mode", ["round_robin", "uniform", "proportional"])
@@ -123,7 +127,7 @@ def test_url_specs_stream_the_same_episodes_as_the_root(root):
     base = dict(root=str(root), **SMALL)
     specs = {"natural": f"pipe:cat {root}/natural/{{shard}}", "medical": f"{root}/medical/{{split}}-{{000000..000000}}.tar"}
     via_root = [_fingerprint(t) for b in _batches(EpisodicDataModule(**base), 2) for t in b]
-    via_urls = [_fingerprint(t) for b in _batches(EpisodicDataModule(**{**base, "root": "/nonexistent", "urls": specs}), 2) for t in b]
+    via_urls = [_fingerprint(t) for b in _batches(EpisodicDataModule(**{**base, "root": "/none", "urls": specs}), 2) for t in b]
     assert via_root == via_urls
     assert manifest_url("pipe:curl -sfL https://host/natural/{shard}") == "pipe:curl -sfL https://host/natural/manifest.json"
 

@@ -2,9 +2,10 @@
 
 Training streams are infinite and resampled: each (rank, worker) pair seeds its own shard order,
 shuffle buffer and episode draws from ``(seed, rank, worker, epoch at start)``, so episodes are
-reproducible for a seed and differ across ranks and workers; a worker keeps its streams (and their
-filled reservoirs) from one epoch to the next. Validation and test use a fixed set of episodes per
-domain, seeded by ``eval_seed`` alone, so they are identical across runs, training seeds and methods.
+reproducible for a seed (with the same number of ranks and workers) and differ across ranks and
+workers; a worker keeps its streams (and their filled reservoirs) from one epoch to the next.
+Validation and test use a fixed set of episodes per domain, seeded by ``eval_seed`` alone, so they are
+identical across runs, training seeds and methods.
 A meta-batch is a ``list[Task]``.
 """
 from __future__ import annotations
@@ -56,7 +57,9 @@ class MetaBatchStream(IterableDataset):
         self.seed, self.rank, self.epoch, self.strict = seed, rank, epoch, strict
         proportional = domain_sampling == "proportional"
         self.weights = [float(s.num_samples) if proportional else 1.0 for s in splits]
-        self.streams: list[DomainTaskStream] | None = None  # built in the worker that iterates
+        self.streams: list[DomainTaskStream] | None = None  # built in the worker that iterates, with:
+        self._rng: random.Random | None = None  # the domain schedule's random source
+        self._batch_index = 0  # the next meta-batch's index in this rank's stream
 
     def __len__(self) -> int:
         return self.batches
@@ -102,8 +105,8 @@ class FixedEpisodes(Dataset):
     def __init__(self, splits: list[DomainSplit], shape: EpisodeShape, episodes_per_domain: int, image_size: int, seed: int,
                  pool_per_class: int, caption_pool: int, strict: bool = False) -> None:
         self.splits, self.shape = splits, shape
-        self.pools = [self._pool(s, image_size, max(pool_per_class, shape.per_class), max(caption_pool, shape.caption_size), strict)
-                      for s in splits]
+        per_class, captions = max(pool_per_class, shape.per_class), max(caption_pool, shape.caption_size)
+        self.pools = [self._pool(s, image_size, per_class, captions, strict) for s in splits]
         per_domain = [self._draw(s, episodes_per_domain, random.Random(mix_seed(seed, split.domain_id)))
                       for s, split in enumerate(splits)]
         self.episodes = [episode for draws in zip(*per_domain) for episode in draws]
@@ -113,8 +116,9 @@ class FixedEpisodes(Dataset):
         """Records by class (caption-only: all under label -1) from one ordered pass, stopping once full."""
         pool: dict[int, list[Record]] = {c: [] for c in split.usable} if split.labelled else {-1: []}
         limit = per_class if split.labelled else caption_pool
-        stream = RecordStream(split.urls, image_size, seed=0, resampled=False, labels=set(split.usable) if split.labelled else None,
-                              strict=strict, where=f"domain {split.name!r} evaluation pool")
+        labels = set(split.usable) if split.labelled else None
+        stream = RecordStream(split.urls, image_size, seed=0, resampled=False, labels=labels, strict=strict,
+                              where=f"domain {split.name!r} evaluation pool")
         full = 0
         for record in stream:
             group = pool[record.label]

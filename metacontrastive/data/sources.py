@@ -86,7 +86,8 @@ def read_manifest(domain: str, root: str, urls: dict[str, str] | None) -> dict:
         except (OSError, ValueError) as exn:
             raise FileNotFoundError(
                 f"no readable manifest for domain {domain!r} at {url} ({exn}); write shards and manifest with "
-                f"`python -m metacontrastive prepare <converter> --domain {domain} --out DIR` and copy {MANIFEST} beside the shards"
+                f"`python -m metacontrastive prepare <converter> --domain {domain} --out DIR` "
+                f"and copy {MANIFEST} beside the shards"
             ) from exn
     have = sorted(set(available_domains(root)) | set(urls))
     if have and not (Path(root) / domain).is_dir():  # with nothing prepared yet, the missing manifest is the news
