@@ -6,7 +6,9 @@ the manifest's ``classes``; absent for caption-only data) and ``json``
 (``{"domain", "label", "split", "source"}``).
 
 ``DomainWriter`` writes into a staging folder and renames it into place only after the manifest is
-written, so an interrupted run never leaves a manifest that points at partial shards.
+written, so an interrupted run never leaves a manifest that points at partial shards. ``RecordStream``
+reads shards back as decoded ``Record``s, with shard shuffle, a bounded shuffle buffer and counted skips
+of corrupt samples.
 """
 from __future__ import annotations
 
@@ -331,7 +333,7 @@ class RecordStream:
         if not self.shuffle_buffer:
             yield from samples
             return
-        buffer = self._buffer
+        buffer = self._buffer = []  # this iteration's buffer, watched by ``buffered``
         for sample in samples:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(sample)
