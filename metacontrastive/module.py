@@ -197,6 +197,12 @@ class MetaContrastiveModule(L.LightningModule):
     def training_step(self, batch: list[Task], batch_idx: int) -> torch.Tensor:
         return self.meta_step(batch, "train")
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # A run whose max_steps ends mid-epoch would stop without validating; asking to stop at the
+        # last step takes Lightning's early-stopping path, which validates (and checkpoints) first.
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
+
     def validation_step(self, batch: list[Task], batch_idx: int) -> None:
         self._check_grad_mode()
         self.meta_step(batch, "val")
