@@ -138,28 +138,32 @@ class MetaContrastiveModule(L.LightningModule):
             def features(parts):
                 return cached
 
-        def loss_on(parts, rows: slice, labels: torch.Tensor):
-            h_image, h_text = features(parts)
-            text_ids = torch.unique(labels)  # the texts this set refers to
-            z_image, z_text = model.embed(h_image[rows], h_text[text_ids], domain_id, fast=parts)
-            return contrastive_loss(z_image, z_text, model.scale(), labels, text_ids), z_image, z_text, text_ids
+        # (rows, labels, the texts the labels refer to) of each set, fixed for the task: torch.unique
+        # syncs with the device, so it runs once per set, not once per inner step
+        support = (slice(0, n_support), task.support_labels, torch.unique(task.support_labels))
+        query = (slice(n_support, None), task.query_labels, torch.unique(task.query_labels))
 
-        support, query = slice(0, n_support), slice(n_support, None)
+        def loss_on(parts, subset):
+            rows, labels, text_ids = subset
+            h_image, h_text = features(parts)
+            z_image, z_text = model.embed(h_image[rows], h_text[text_ids], domain_id, fast=parts)
+            return contrastive_loss(z_image, z_text, model.scale(), labels, text_ids), z_image, z_text
+
         if train and hp.method != "dcmcl":  # plain contrastive training on all pairs of the task
             labels = torch.cat([task.support_labels, task.query_labels])
-            loss, z_all, _, _ = loss_on(None, slice(None), labels)
-            return {"loss": loss, "z_align": z_all[query], "support_loss": loss.detach()}
+            loss, z_all, _ = loss_on(None, (slice(None), labels, torch.unique(labels)))
+            return {"loss": loss, "z_align": z_all[query[0]], "support_loss": loss.detach()}
 
         steps = hp.inner_steps if train else (hp.eval_inner_steps if hp.eval_inner_steps is not None else hp.inner_steps)
         with torch.enable_grad():  # validation adapts too; the clone must be made with grad enabled
             learner = self.learner.clone()
-            support_losses = adapt(learner, lambda parts: loss_on(parts, support, task.support_labels)[0], steps)
-            loss, z_query, z_text, text_ids = loss_on(learner.module, query, task.query_labels)
+            support_losses = adapt(learner, lambda parts: loss_on(parts, support)[0], steps)
+            loss, z_query, z_text = loss_on(learner.module, query)
         out = {"loss": loss, "z_align": z_query, "support_loss": support_losses[0] if support_losses else loss.detach()}
         if hp.align_on == "base" and hp.align_weight > 0:
-            out["z_align"] = loss_on(None, query, task.query_labels)[1]
+            out["z_align"] = loss_on(None, query)[1]
         if task.labelled:
-            predicted = text_ids[(z_query @ z_text.t()).argmax(dim=1)]  # nearest adapted class prompt
+            predicted = query[2][(z_query @ z_text.t()).argmax(dim=1)]  # nearest adapted class prompt
             out["acc"] = (predicted == task.query_labels).float().mean()
         return out
 
