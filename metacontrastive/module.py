@@ -21,11 +21,11 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import CatMetric
 
 from metacontrastive.data.episodes import Task
 from metacontrastive.losses import alignment_loss, contrastive_loss
 from metacontrastive.meta import ADAPT_SCOPES, adapt, build_learner
+from metacontrastive.metrics import EpisodeAccuracy
 from metacontrastive.models.clip import DomainConditionedCLIP
 
 __all__ = ["MetaContrastiveModule"]
@@ -117,7 +117,7 @@ class MetaContrastiveModule(L.LightningModule):
         )
         self.learner = build_learner(self.model, adapt_scope, algorithm, inner_lr, first_order)
         self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]
-        self.episode_acc = nn.ModuleDict({stage: nn.ModuleDict({str(i): CatMetric() for i in range(len(domains))})
+        self.episode_acc = nn.ModuleDict({stage: nn.ModuleDict({str(i): EpisodeAccuracy() for i in range(len(domains))})
                                           for stage in ("val", "test")})
 
     # ------------------------------------------------------------------ the algorithm
@@ -222,21 +222,24 @@ class MetaContrastiveModule(L.LightningModule):
         self._log_accuracy("test")
 
     def _log_accuracy(self, stage: str) -> None:
-        """Mean episode accuracy per domain, its 95% CI (1.96 std / sqrt(E)), and the mean over domains."""
+        """Mean episode accuracy per domain, its 95% CI, the episode count, and the mean over domains.
+
+        Every rank computes every domain's metric (a collective under DDP), so the ranks stay in step
+        even when one of them saw no episode of a domain."""
         means = []
         for domain_id, name in enumerate(self.domains):
             metric = self.episode_acc[stage][str(domain_id)]
-            if not metric.update_called:
-                continue
-            acc = metric.compute().reshape(-1)  # (E,)
+            result = metric.compute()
             metric.reset()
-            means.append(acc.mean())
-            self.log(f"{stage}/acc/{name}", acc.mean(), sync_dist=False)
-            ci = 1.96 * acc.std() / math.sqrt(len(acc)) if len(acc) > 1 else acc.new_zeros(())
-            self.log(f"{stage}/acc_ci95/{name}", ci, sync_dist=False)
-            self.log(f"{stage}/episodes/{name}", float(len(acc)), sync_dist=False)
+            if result["episodes"] == 0:
+                continue
+            means.append(result["mean"])
+            # already reduced over ranks by the metric: identical everywhere, no sync_dist
+            self.log(f"{stage}/acc/{name}", result["mean"])
+            self.log(f"{stage}/acc_ci95/{name}", result["ci95"])
+            self.log(f"{stage}/episodes/{name}", result["episodes"].float())
         if means:
-            self.log(f"{stage}/acc", torch.stack(means).mean(), prog_bar=True, sync_dist=False)
+            self.log(f"{stage}/acc", torch.stack(means).mean(), prog_bar=True)
 
     def _check_grad_mode(self) -> None:
         if torch.is_inference_mode_enabled():

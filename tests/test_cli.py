@@ -51,3 +51,20 @@ def test_missing_shards_name_the_prepare_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare synthetic --domain natural"):
         main(["fit", "-c", "conf/default.yaml", f"--data.root={tmp_path}", "--trainer.max_steps=1",
               f"--trainer.logger.init_args.save_dir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_evaluates_every_domain_once(demo_root, tmp_path):
+    """Two gloo ranks: every validation episode of both domains is counted once, batches mix domains."""
+    cmd = [sys.executable, "-m", "metacontrastive", "fit", "-c", "conf/default.yaml",
+           "--data.domains=[natural,medical]", f"--data.root={demo_root}", "--trainer.max_steps=2",
+           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+           f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.val_episodes=4", *FAST[:-2],
+           "--data.steps_per_epoch=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "dcmcl" / "version_0"))
+    events.Reload()
+    for domain in ("natural", "medical"):
+        assert [e.value for e in events.Scalars(f"val/episodes/{domain}")] == [4.0]
+    assert events.Scalars("val/align")[-1].value > 0  # each rank's batches hold both domains

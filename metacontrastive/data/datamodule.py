@@ -82,6 +82,23 @@ class MetaBatchStream(IterableDataset):
             yield [next(self.streams[i]) for i in ids]
 
 
+class _MetaBatches(Dataset):
+    """Consecutive groups of ``size`` tasks of a task dataset (the last group may be smaller).
+
+    FixedEpisodes interleaves domains, so each group mixes them; under DDP the sampler splits groups,
+    not tasks, across ranks (it pads by repeating groups when they do not divide evenly).
+    """
+
+    def __init__(self, tasks: Dataset, size: int) -> None:
+        self.tasks, self.size = tasks, size
+
+    def __len__(self) -> int:
+        return -(-len(self.tasks) // self.size)
+
+    def __getitem__(self, i: int) -> list[Task]:
+        return [self.tasks[j] for j in range(i * self.size, min((i + 1) * self.size, len(self.tasks)))]
+
+
 class FixedEpisodes(Dataset):
     """A fixed, seeded list of tasks per domain, interleaved across domains.
 
@@ -265,8 +282,13 @@ class EpisodicDataModule(L.LightningDataModule):
                                                    hp.reservoir, hp.shuffle_buffer, hp.strict_decode)
         return self._fixed_sets[name]
 
+    def _fixed_loader(self, name: str) -> DataLoader:
+        # items are whole meta-batches, so that a distributed sampler hands each rank mixed-domain batches
+        batches = _MetaBatches(self.fixed_episodes(name), self.hparams.tasks_per_batch)
+        return DataLoader(batches, batch_size=None, collate_fn=_identity)
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.fixed_episodes("val"), batch_size=self.hparams.tasks_per_batch, collate_fn=list)
+        return self._fixed_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.fixed_episodes("test"), batch_size=self.hparams.tasks_per_batch, collate_fn=list)
+        return self._fixed_loader("test")
