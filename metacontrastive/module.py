@@ -116,6 +116,8 @@ class MetaContrastiveModule(L.LightningModule):
             condition_image=condition_image, condition_text=condition_text,
         )
         self.learner = build_learner(self.model, adapt_scope, algorithm, inner_lr, first_order)
+        if method != "dcmcl" and algorithm == "metasgd":  # no inner loop in training: the rates cannot learn
+            self.learner.lrs.requires_grad_(False)
         self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]
         self.episode_acc = nn.ModuleDict({stage: nn.ModuleDict({str(i): EpisodeAccuracy() for i in range(len(domains))})
                                           for stage in ("val", "test")})

@@ -1,6 +1,9 @@
 """MetaContrastiveModule: gradients reach every trainable parameter; projection mode freezes the towers."""
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from metacontrastive.data.episodes import Task
 from metacontrastive.module import MetaContrastiveModule
@@ -83,3 +86,14 @@ def test_adapting_everything_works_through_attention(first_order):
     module = MetaContrastiveModule(adapt_scope="all", first_order=first_order, domain_dropout=0.0)
     _one_step(module)
     assert module.model.text_tower.token.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset", ["contrastive", "conditioned", "maml", "full", "projection"])
+def test_every_ablation_preset_trains_every_trainable_parameter(preset):
+    """An unused trainable parameter would stop DDP (and silently never learn)."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "conf" / "ablations" / f"{preset}.yaml").read_text())
+    torch.manual_seed(0)
+    module = MetaContrastiveModule(**config.get("model", {}), domain_dropout=0.0)
+    _one_step(module)
+    unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused

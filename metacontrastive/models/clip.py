@@ -75,7 +75,10 @@ class DomainConditionedCLIP(nn.Module):
             image_tower, text_tower, image_pretrained, tower_image_size, freeze_image, freeze_text
         )
         img_dim, txt_dim = self.image_tower.out_dim, self.text_tower.out_dim
-        self.domain = DomainEmbedding(num_domains, domain_dim)
+        conditioned = condition_image or condition_text
+        # without conditioning there is no domain embedding at all: an unused parameter breaks DDP
+        self.domain = DomainEmbedding(num_domains, domain_dim) if conditioned else None
+        self.num_domains = num_domains
         self.film_image = FiLM(domain_dim, img_dim) if condition_image else None
         self.film_text = FiLM(domain_dim, txt_dim) if condition_text else None
         self.head_image = ProjectionHead(img_dim, hidden_dim, embed_dim)
@@ -85,7 +88,7 @@ class DomainConditionedCLIP(nn.Module):
 
     @property
     def unknown_domain(self) -> int:
-        return self.domain.unknown_id
+        return self.num_domains  # the last row of the domain table
 
     def scale(self) -> torch.Tensor:
         """The inverse temperature exp(logit_scale), clamped as in CLIP."""
@@ -114,9 +117,10 @@ class DomainConditionedCLIP(nn.Module):
             domain_id: one domain id for all rows, or (B,) ids for images and texts alike when B == M.
             fast: adapted replacements for parts of the model, by attribute name.
         """
-        ids = torch.as_tensor(domain_id, device=h_image.device).reshape(-1)
-        cond = self._part("domain", fast)(ids)  # (1, C) or (B, C)
         film_image, film_text = self._part("film_image", fast), self._part("film_text", fast)
+        if film_image is not None or film_text is not None:
+            ids = torch.as_tensor(domain_id, device=h_image.device).reshape(-1)
+            cond = self._part("domain", fast)(ids)  # (1, C) or (B, C)
         if film_image is not None:
             h_image = film_image(h_image, cond)
         if film_text is not None:
