@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from metacontrastive.data.shards import load_manifest, split_urls, stream_records
+from metacontrastive.data.shards import RecordStream, load_manifest, split_urls
 from metacontrastive.data.synthetic import GENERATORS, write_synthetic
 
 
 def _records(root, domain, split):
     manifest = load_manifest(root, domain)
-    return list(stream_records(split_urls(root, domain, split, manifest), image_size=16, seed=0, resampled=False))
+    return list(RecordStream(split_urls(root, domain, split, manifest), image_size=16, seed=0, resampled=False))
 
 
 @pytest.mark.parametrize("domain", sorted(GENERATORS))

@@ -41,7 +41,6 @@ __all__ = [
     "load_manifest",
     "sample_label",
     "split_urls",
-    "stream_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -344,9 +343,3 @@ class RecordStream:
         rng.shuffle(buffer)
         while buffer:
             yield buffer.pop()
-
-
-def stream_records(urls: list[str], image_size: int, seed: int, resampled: bool, shuffle_buffer: int = 0) -> Iterator[Record]:
-    """Decoded records of ``urls``, skipping corrupt samples: a ``RecordStream`` for callers that need
-    neither its counters nor its class filter (see ``RecordStream`` for the arguments)."""
-    return iter(RecordStream(urls, image_size, seed, resampled, shuffle_buffer))

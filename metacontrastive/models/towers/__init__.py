@@ -6,7 +6,7 @@ an ``nn.Module`` with ``out_dim``; image towers take float images in [0, 1], (B,
 a ``list[str]``; both return (B, out_dim). timm and transformers are imported only when a tower
 needs them.
 """
-from metacontrastive.models.towers.base import Tower, set_trainable
+from metacontrastive.models.towers.base import Tower
 from metacontrastive.models.towers.factory import (
     IMAGE_TOWERS,
     TEXT_TOWERS,
@@ -32,5 +32,4 @@ __all__ = [
     "build_image_tower",
     "build_text_tower",
     "build_towers",
-    "set_trainable",
 ]

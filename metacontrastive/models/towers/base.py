@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Tower", "set_trainable"]
+__all__ = ["Tower"]
 
 
 class Tower(nn.Module):
@@ -27,19 +27,12 @@ class Tower(nn.Module):
 
     def freeze(self) -> Tower:
         """Freeze every parameter and switch to eval mode for good; returns the tower."""
-        set_trainable(self, False)
+        self.requires_grad_(False)
         self.frozen = True
         return self.eval()
 
     def train(self, mode: bool = True) -> Tower:
         return super().train(mode and not self.frozen)
-
-
-def set_trainable(module: nn.Module, trainable: bool) -> nn.Module:
-    """Freeze or unfreeze every parameter of ``module``; returns it for chaining."""
-    for p in module.parameters():
-        p.requires_grad_(trainable)
-    return module
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int] | None, mode: str = "bilinear") -> torch.Tensor:
