@@ -1,5 +1,6 @@
 """``python -m metacontrastive``: ``prepare ...`` runs the shard converters (without importing Lightning
-or the models, so data preparation starts fast); anything else goes to the LightningCLI in ``cli.py``."""
+or the models, so data preparation starts fast); ``evaluate ...`` scores a checkpoint with every few-shot
+method; anything else goes to the LightningCLI in ``cli.py``."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +12,10 @@ def main(argv: list[str] | None = None) -> None:
         from metacontrastive.data.prepare import main as prepare_main
 
         prepare_main(args[1:])
+    elif args[:1] == ["evaluate"]:
+        from metacontrastive.cli import evaluate_main
+
+        evaluate_main(args[1:])
     else:
         from metacontrastive.cli import main as cli_main
 

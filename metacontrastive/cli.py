@@ -1,4 +1,5 @@
-"""The training command line: ``python -m metacontrastive {fit,validate,test} ...`` (LightningCLI).
+"""The command line: ``python -m metacontrastive {fit,validate,test} ...`` (LightningCLI) and
+``python -m metacontrastive evaluate ...`` (the few-shot protocol on a checkpoint).
 (``python -m metacontrastive prepare ...``, the shard converters, is dispatched in ``__main__.py``.)
 
 The model's ``domains`` are linked to the data module's, so a run names its domains once:
@@ -6,12 +7,22 @@ The model's ``domains`` are linked to the data module's, so a run names its doma
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from metacontrastive.data.datamodule import EpisodicDataModule
+from metacontrastive.data.tasks import FixedEpisodes
+from metacontrastive.evaluation import METHODS, EvalOptions, evaluate
 from metacontrastive.module import MetaContrastiveModule
+from metacontrastive.reporting import log_to_tensorboard, markdown_table, write_results
 
-__all__ = ["MetaCLI", "main"]
+__all__ = ["MetaCLI", "evaluate_main", "main"]
 
 
 class MetaCLI(LightningCLI):
@@ -30,3 +41,104 @@ def main(args: list[str] | None = None) -> MetaCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"need positive integers, got {text!r}")
+    return values
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m metacontrastive evaluate",
+        description="Score every few-shot method on the same seeded test episodes of a checkpoint's domains. "
+                    "Data settings (shard root, image size, evaluation seed) come from the run's config.yaml "
+                    "beside the checkpoint unless given here.")
+    p.add_argument("--ckpt", required=True, help="a checkpoint, e.g. logs/dcmcl/version_0/checkpoints/last.ckpt")
+    p.add_argument("--domains", type=_names, default=None,
+                   help="comma-separated domains to test (default: the run's test domains); a domain the model "
+                        "was not trained on is conditioned on the unknown embedding")
+    p.add_argument("--holdout-domain", action="append", default=[], metavar="NAME",
+                   help="a domain evaluated through the unknown embedding even if the model knows it (repeatable)")
+    p.add_argument("--ways", type=int, default=5, help="classes per episode, capped per domain at its test classes (5)")
+    p.add_argument("--shots", type=_ints, default=[1, 5], help="comma-separated support sizes per class (1,5)")
+    p.add_argument("--queries", type=int, default=15, help="queries per class (15)")
+    p.add_argument("--episodes", type=int, default=600, help="episodes per domain and shots (600)")
+    p.add_argument("--methods", type=_names, default=["all"], help=f"comma-separated, from {list(METHODS)}, or all")
+    p.add_argument("--inner-steps", type=int, default=None, help="dcmcl inner steps (default: the model's eval_inner_steps)")
+    p.add_argument("--root", default=None, help="shards root (default: the run's data.root)")
+    p.add_argument("--seed", type=int, default=None, help="episode seed (default: the run's data.eval_seed)")
+    p.add_argument("--out", default=None, help="folder for the results (default: the run folder)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
+    p.add_argument("--chunk", type=int, default=50, help="episodes scored together (memory vs speed)")
+    return p
+
+
+def run_folder(ckpt: Path) -> Path:
+    """The run folder of a checkpoint: ``<run>/checkpoints/x.ckpt`` -> ``<run>``."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def evaluate_main(argv: list[str] | None = None) -> list:
+    """``python -m metacontrastive evaluate``: the few-shot table of a checkpoint, written beside it."""
+    args = _evaluate_parser().parse_args(argv)
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_file():
+        raise SystemExit(f"evaluate: no checkpoint at {ckpt}; train one with `make train` (runs are in logs/<name>/version_N/checkpoints/)")
+    methods = list(METHODS) if args.methods == ["all"] else args.methods
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"evaluate: unknown methods {unknown}; choose from {list(METHODS)} or all")
+    run = run_folder(ckpt)
+    config_file = run / "config.yaml"
+    data = (yaml.safe_load(config_file.read_text()) or {}).get("data", {}) if config_file.exists() else {}
+    if not data:
+        print(f"evaluate: no config.yaml beside {ckpt}; using the data module's defaults and --root")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    module = MetaContrastiveModule.load_from_checkpoint(ckpt, map_location=device)
+    domains = list(dict.fromkeys((args.domains or data.get("test_domains") or module.domains) + args.holdout_domain))
+    shots, queries = args.shots, args.queries
+    datamodule = EpisodicDataModule(
+        domains=module.domains, root=args.root or data.get("root", "data/shards"), urls=data.get("urls"),
+        test_domains=domains, ways=args.ways, shots=max(shots), queries=queries,
+        image_size=data.get("image_size", 32), reservoir=max(shots) + queries, eval_pool=data.get("eval_pool"),
+        eval_seed=args.seed if args.seed is not None else data.get("eval_seed", 0),
+        strict_decode=data.get("strict_decode", False),
+    )
+    sets = []
+    for split in datamodule.split("test"):
+        if not split.labelled:
+            print(f"evaluate: skipping caption-only domain {split.name!r} (few-shot classification needs labels)")
+            continue
+        shape = datamodule.eval_shape_of(split)
+        pool = datamodule.pool(split, "test")
+        sets += [FixedEpisodes(pool, dataclasses.replace(shape, shots=k), args.episodes, datamodule.hparams.eval_seed)
+                 for k in shots]
+    if not sets:
+        raise SystemExit("evaluate: no labelled test domain to evaluate")
+    options = EvalOptions(inner_steps=args.inner_steps)
+    start = time.perf_counter()
+    results = evaluate(module, sets, methods, options, holdout=args.holdout_domain, chunk=args.chunk)
+    seconds = time.perf_counter() - start
+    out = Path(args.out) if args.out else run
+    settings = {"checkpoint": str(ckpt), "domains": domains, "holdout": args.holdout_domain, "ways": args.ways,
+                "shots": shots, "queries": queries, "episodes": args.episodes, "methods": methods,
+                "eval_seed": datamodule.hparams.eval_seed, "root": datamodule.hparams.root, "device": str(device),
+                "dcmcl_inner_steps": module.eval_steps if args.inner_steps is None else args.inner_steps,
+                "options": dataclasses.asdict(options)}
+    paths = write_results(results, out, settings, seconds)
+    log_to_tensorboard(results, out)
+    print(markdown_table(results))
+    print(f"evaluated {sum(len(s) for s in sets)} episodes x {len(methods)} methods in {seconds:.1f}s; wrote "
+          + ", ".join(str(p) for p in paths) + f" and TensorBoard events in {out}")
+    return results

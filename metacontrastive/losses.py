@@ -5,6 +5,8 @@ two items that share a label (a class, or an identical caption) are positives of
 negatives. The alignment regularisers compare embedding distributions of two domains: MMD^2 with a
 multi-bandwidth RBF kernel (Gretton et al., 2012), CORAL (Sun & Saenko, 2016) and the distance between
 domain means. ``alignment_loss`` sums one of them over every pair of domains present in a batch.
+``alignment`` and ``uniformity`` are Wang & Isola's (2020) diagnostics of a normalised embedding: how
+close positives sit, and how evenly the embeddings spread over the sphere.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import torch.nn.functional as F
 
 __all__ = [
     "ALIGNMENTS",
+    "alignment",
     "alignment_loss",
     "contrastive_loss",
     "coral",
     "mean_distance",
     "mmd_rbf",
     "soft_cross_entropy",
+    "uniformity",
 ]
 
 DEFAULT_BANDWIDTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -132,3 +136,27 @@ def alignment_loss(embeddings: torch.Tensor, domain_ids: torch.Tensor, kind: str
     for a, b in itertools.combinations(present, 2):
         total = total + fn(embeddings[domain_ids == a], embeddings[domain_ids == b])
     return total
+
+
+def alignment(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Wang & Isola's alignment: the mean squared distance between positives, here two different rows of
+    one class. Lower is tighter. NaN when no class has two rows.
+
+    Args:
+        embeddings: (B, D) normalised embeddings.
+        labels: (B,) class of each row.
+    """
+    positives = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return _sq_dists(embeddings, embeddings)[positives].mean()
+
+
+def uniformity(embeddings: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola's uniformity: log of the mean Gaussian potential exp(-t |a - b|^2) over pairs of
+    different rows. Lower is more uniform; 0 when every row is the same point (collapse).
+
+    Args:
+        embeddings: (B, D) normalised embeddings, B >= 2.
+        t: the potential's sharpness (the paper's 2).
+    """
+    pairs = ~torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    return torch.exp(-t * _sq_dists(embeddings, embeddings)[pairs]).mean().log()

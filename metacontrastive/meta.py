@@ -1,25 +1,33 @@
-"""learn2learn wrapping: which parts adapt, MAML or MetaSGD around them, and the inner loop.
+"""Adaptation: which parts adapt, MAML or MetaSGD around them, and adapt-and-score of one task.
 
 The fast weights are a ``nn.ModuleDict`` of the model's parts named by ``ADAPT_SCOPES``; learn2learn
 clones that dict per task and ``DomainConditionedCLIP.embed(..., fast=clone)`` uses the adapted copies
 in place of the originals. Parts outside the scope (the towers, by default) are the slow weights: the
 outer loop trains them, the inner loop does not touch them, and their features are computed once per
-task.
+task (``TaskView``).
+
+``adapt_and_score`` is the per-task algorithm of DCMCL, used alike by training (second order, the
+query loss keeps its graph), validation and the ``dcmcl`` method of ``metacontrastive.evaluation``.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from metacontrastive.data.episodes import Task
+from metacontrastive.losses import contrastive_loss
+from metacontrastive.models.clip import DomainConditionedCLIP
+
 with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints a notice on import
     from learn2learn.algorithms import MAML, MetaSGD
 
-__all__ = ["ADAPT_SCOPES", "adapt", "build_learner"]
+__all__ = ["ADAPT_SCOPES", "Adapted", "Rows", "TaskView", "adapt", "adapt_and_score", "build_learner"]
 
 ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "film": ("film_image", "film_text"),
@@ -28,14 +36,10 @@ ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "all": ("image_tower", "text_tower", "domain", "film_image", "film_text", "head_image", "head_text"),
 }
 
+Parts = Mapping[str, nn.Module]  # adapted replacements for parts of the model, by attribute name
 
-def build_learner(
-    model: nn.Module,
-    scope: str = "film+heads",
-    algorithm: str = "maml",
-    inner_lr: float = 0.1,
-    first_order: bool = False,
-) -> MAML | MetaSGD:
+
+def build_learner(model: nn.Module, scope: str, algorithm: str, inner_lr: float, first_order: bool) -> MAML | MetaSGD:
     """Wrap the parts of ``model`` named by ``scope`` in a learn2learn MAML or MetaSGD learner.
 
     Args:
@@ -62,7 +66,10 @@ def build_learner(
 
 
 def adapt(
-    learner: MAML | MetaSGD, support_loss: Callable[[nn.ModuleDict], torch.Tensor], steps: int
+    learner: MAML | MetaSGD,
+    support_loss: Callable[[nn.ModuleDict], torch.Tensor],
+    steps: int,
+    first_order: bool | None = None,
 ) -> list[torch.Tensor]:
     """Take ``steps`` gradient steps of a cloned learner on its support loss, in place.
 
@@ -70,17 +77,122 @@ def adapt(
         learner: a clone from ``build_learner(...).clone()``.
         support_loss: maps the learner's current parts to the support loss.
         steps: inner-loop steps k.
+        first_order: override the learner's setting (evaluation adapts first order: it never needs
+            the second-order graph, and the adapted weights are the same).
 
     Returns:
         The detached support loss before each step, for logging; no host sync happens here.
     """
+    first_order = learner.first_order if first_order is None else first_order
     # Second-order MAML differentiates the support forward twice; the fused attention kernels have no
     # double backward, so attention inside the scope (adapt_scope=all) must use the math kernel.
-    kernel = contextlib.nullcontext() if learner.first_order else sdpa_kernel(SDPBackend.MATH)
+    kernel = contextlib.nullcontext() if first_order else sdpa_kernel(SDPBackend.MATH)
     losses = []
     with kernel:
         for _ in range(steps):
             loss = support_loss(learner.module)
-            learner.adapt(loss)
+            learner.adapt(loss, first_order=first_order)
             losses.append(loss.detach())
     return losses
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Some rows of a task: which images, their labels, and the texts those labels point at.
+
+    Attributes:
+        index: the rows of ``TaskView.images``.
+        labels: (n,) each row's label, an index into the task's texts.
+        texts: (m,) the sorted distinct labels: the rows of the task's texts this subset uses.
+    """
+
+    index: slice
+    labels: torch.Tensor
+    texts: torch.Tensor
+
+    @classmethod
+    def of(cls, index: slice, labels: torch.Tensor) -> Rows:
+        # torch.unique syncs with the device: done once per subset, not once per inner step
+        return cls(index, labels, torch.unique(labels))
+
+
+class TaskView:
+    """One task as the model reads it: its images (support, then query), its texts and three row subsets.
+
+    The towers run once per task (``features``) unless they sit inside the adapted scope, in which case
+    they run again for every set of fast weights. Everything downstream of the towers takes ``fast``,
+    the adapted parts, or None for the model's own weights.
+
+    Args:
+        model: the dual encoder.
+        task: the task.
+        domain_row: the row of the model's domain table that conditions this task (``unknown`` for
+            domains the model was not trained on, or under domain dropout).
+        towers_adapt: the towers are fast weights (``adapt_scope=all``).
+    """
+
+    def __init__(self, model: DomainConditionedCLIP, task: Task, domain_row: int, towers_adapt: bool = False) -> None:
+        self.model, self.task, self.domain_row, self.towers_adapt = model, task, domain_row, towers_adapt
+        self.images = torch.cat([task.support_images, task.query_images])  # (S + Q, 3, H, W)
+        n = len(task.support_images)
+        self.support = Rows.of(slice(0, n), task.support_labels)
+        self.query = Rows.of(slice(n, None), task.query_labels)
+        self.both = Rows.of(slice(None), torch.cat([task.support_labels, task.query_labels]))
+        self._features = None if towers_adapt else model.features(self.images, task.texts)
+
+    def features(self, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tower features h_I (S + Q, F_I) and h_T (M, F_T)."""
+        if self._features is not None:
+            return self._features
+        return self.model.features(self.images, self.task.texts, fast=fast)
+
+    def embed(self, rows: Rows, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image embeddings of ``rows`` (n, D) and of the texts they point at (m, D)."""
+        h_image, h_text = self.features(fast)
+        return self.model.embed(h_image[rows.index], h_text[rows.texts], self.domain_row, fast=fast)
+
+    def loss(self, rows: Rows, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The contrastive loss on ``rows`` and the embeddings it was computed from."""
+        z_image, z_text = self.embed(rows, fast)
+        return contrastive_loss(z_image, z_text, self.model.scale(), rows.labels, rows.texts), z_image, z_text
+
+
+@dataclass
+class Adapted:
+    """What adapting to one task's support set gives on its query set.
+
+    Attributes:
+        loss: the query loss at the adapted weights (with its graph when the caller trains).
+        z_query: (Q, D) adapted query image embeddings.
+        z_text: (m, D) adapted embeddings of the texts the query labels point at.
+        text_ids: (m,) which texts those are.
+        support_losses: the detached support loss before each inner step.
+    """
+
+    loss: torch.Tensor
+    z_query: torch.Tensor
+    z_text: torch.Tensor
+    text_ids: torch.Tensor
+    support_losses: list[torch.Tensor]
+
+    def predictions(self) -> torch.Tensor:
+        """(Q,) the text (class) each query is nearest to: the few-shot prediction."""
+        return self.text_ids[(self.z_query @ self.z_text.t()).argmax(dim=1)]
+
+
+def adapt_and_score(
+    learner: MAML | MetaSGD, view: TaskView, steps: int, first_order: bool | None = None
+) -> Adapted:
+    """Clone the fast weights, take ``steps`` inner steps on the support loss, score the query set.
+
+    Args:
+        learner: the model's learner (``build_learner``); it is cloned here, never changed.
+        view: the task.
+        steps: inner-loop steps k (0: score the meta-learned initialisation itself).
+        first_order: override the learner's setting (``adapt``).
+    """
+    with torch.enable_grad():  # Lightning's evaluation loops run under no_grad; the inner loop needs gradients
+        clone = learner.clone()
+        support_losses = adapt(clone, lambda parts: view.loss(view.support, parts)[0], steps, first_order)
+        loss, z_query, z_text = view.loss(view.query, clone.module)
+    return Adapted(loss, z_query, z_text, view.query.texts, support_losses)

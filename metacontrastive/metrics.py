@@ -1,18 +1,37 @@
-"""Episode-level few-shot metrics as torchmetrics, so that they reduce correctly across DDP ranks."""
+"""Few-shot metrics: per-episode accuracy and macro-F1 (torchmetrics), and their mean with a 95% CI
+as a torchmetrics ``Metric`` that reduces correctly across DDP ranks."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-__all__ = ["EpisodeAccuracy"]
+__all__ = ["EpisodeMean", "episode_scores"]
 
 
-class EpisodeAccuracy(Metric):
-    """Mean per-episode accuracy with its 95% confidence interval, 1.96 * std / sqrt(E).
+def episode_scores(predictions: torch.Tensor, targets: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy and macro-F1 of one episode.
 
-    The states are sums (of accuracies, of their squares, and the episode count), so every rank can
+    Args:
+        predictions: (Q,) predicted class of each query, in 0..ways-1.
+        targets: (Q,) true class of each query.
+        ways: classes in the episode (N).
+
+    Returns:
+        (accuracy, macro-F1), two scalars. A class never predicted has F1 0 (torchmetrics' convention,
+        as scikit-learn's ``zero_division=0``).
+    """
+    accuracy = multiclass_accuracy(predictions, targets, num_classes=ways, average="micro")
+    f1 = multiclass_f1_score(predictions, targets, num_classes=ways, average="macro")
+    return accuracy, f1
+
+
+class EpisodeMean(Metric):
+    """Mean of a per-episode score with its 95% confidence interval, 1.96 * std / sqrt(E).
+
+    The states are sums (of scores, of their squares, and the episode count), so every rank can
     compute the metric whether or not it saw an episode of this domain, and the ranks agree.
     """
 
@@ -24,15 +43,15 @@ class EpisodeAccuracy(Metric):
         self.add_state("total_sq", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("episodes", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, accuracy: torch.Tensor) -> None:
-        """Add episodes: ``accuracy`` is one episode's accuracy or a (E,) tensor of them."""
-        acc = accuracy.detach().reshape(-1).double()
-        self.total += acc.sum()
-        self.total_sq += acc.pow(2).sum()
-        self.episodes += acc.numel()
+    def update(self, score: torch.Tensor) -> None:
+        """Add episodes: ``score`` is one episode's score or a (E,) tensor of them."""
+        score = score.detach().reshape(-1).double()
+        self.total += score.sum()
+        self.total_sq += score.pow(2).sum()
+        self.episodes += score.numel()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``{"mean", "ci95", "episodes"}``; mean and ci95 are NaN before any episode."""
+        """``{"mean", "ci95", "episodes"}``; mean and ci95 are NaN before any episode, ci95 is 0 after one."""
         n = self.episodes.double()
         mean = self.total / n
         var = (self.total_sq - n * mean**2).clamp(min=0) / (n - 1) if n > 1 else torch.zeros_like(mean)

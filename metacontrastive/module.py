@@ -1,7 +1,7 @@
 """MetaContrastiveModule: the DCMCL meta step, written once for train, val and test.
 
 Per task: the towers run once (``features``); a learn2learn clone of the fast weights adapts to the
-support set for k steps (``metacontrastive.meta.adapt``); the adapted model scores the query set.
+support set for k steps and the adapted model scores the query set (``metacontrastive.meta.adapt_and_score``).
 The outer loss is the mean query loss plus ``align_weight`` times the alignment regulariser across
 the domains of the meta-batch. ``method`` switches the ablations:
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
@@ -23,15 +24,32 @@ import torch
 from torch import nn
 
 from metacontrastive.data.episodes import Task
-from metacontrastive.losses import alignment_loss, contrastive_loss
-from metacontrastive.meta import ADAPT_SCOPES, adapt, build_learner
-from metacontrastive.metrics import EpisodeAccuracy
+from metacontrastive.losses import alignment_loss
+from metacontrastive.meta import ADAPT_SCOPES, TaskView, adapt_and_score, build_learner
+from metacontrastive.metrics import EpisodeMean, episode_scores
 from metacontrastive.models.clip import DomainConditionedCLIP
 
-__all__ = ["MetaContrastiveModule"]
+__all__ = ["MetaContrastiveModule", "TaskResult"]
 
 # as in open_clip: no weight decay on gains, biases, embeddings or the temperature
 _NO_DECAY = ("bias", "norm", "logit_scale", "embed", "domain", "position", "token")
+
+
+@dataclass
+class TaskResult:
+    """One task's part of the outer objective.
+
+    Attributes:
+        loss: the query loss (plain training: the loss on support and query together).
+        z_align: (Q, D) the query image embeddings the alignment term compares across domains.
+        support_loss: the detached loss on the support set, before any inner step.
+        predictions: (Q,) the nearest adapted class prompt of each query (labelled evaluation tasks only).
+    """
+
+    loss: torch.Tensor
+    z_align: torch.Tensor
+    support_loss: torch.Tensor
+    predictions: torch.Tensor | None = None
 
 
 class MetaContrastiveModule(L.LightningModule):
@@ -119,63 +137,53 @@ class MetaContrastiveModule(L.LightningModule):
         if method != "dcmcl" and algorithm == "metasgd":  # no inner loop in training: the rates cannot learn
             self.learner.lrs.requires_grad_(False)
         self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]
-        self.episode_acc = nn.ModuleDict({stage: nn.ModuleDict({str(i): EpisodeAccuracy() for i in range(len(domains))})
-                                          for stage in ("val", "test")})
+        self._rows = {name: i for i, name in enumerate(self.domains)}
+        self.episode_scores = self._score_metrics({"val": self.domains, "test": self.domains})
+
+    def setup(self, stage: str) -> None:
+        # validation and test may hold domains besides the training ones (evaluation-only domains); every
+        # rank builds the same metrics from the data module, so that DDP reductions line up
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "stage_domains"):
+            self.episode_scores = self._score_metrics({s: datamodule.stage_domains[s] for s in ("val", "test")})
+
+    @property
+    def eval_steps(self) -> int:
+        """Inner-loop steps at validation, test and in ``metacontrastive.evaluation``."""
+        hp = self.hparams
+        return hp.eval_inner_steps if hp.eval_inner_steps is not None else hp.inner_steps
+
+    def domain_row(self, domain: str) -> int:
+        """The row of the model's domain table for a domain: its own, or ``unknown`` for one it was not trained on."""
+        return self._rows.get(domain, self.model.unknown_domain)
 
     # ------------------------------------------------------------------ the algorithm
-    def task_step(self, task: Task, train: bool) -> dict[str, torch.Tensor]:
+    def task_step(self, task: Task, train: bool) -> TaskResult:
         """Adapt to one task's support set (unless plain training) and score its query set."""
-        hp, model = self.hparams, self.model
-        domain_id = task.domain_id
+        hp = self.hparams
+        row = self.domain_row(task.domain)
         if train and hp.domain_dropout > 0 and random.random() < hp.domain_dropout:
-            domain_id = model.unknown_domain
-        images = torch.cat([task.support_images, task.query_images])  # (S + Q, 3, H, W)
-        n_support = len(task.support_images)
-        if self.towers_adapt:  # the towers themselves adapt: features depend on the fast weights
-            def features(parts):
-                return model.features(images, task.texts, fast=parts)
-        else:  # the towers are slow weights: compute their features once per task
-            cached = model.features(images, task.texts)
-
-            def features(parts):
-                return cached
-
-        # (rows, labels, the texts the labels refer to) of each set, fixed for the task: torch.unique
-        # syncs with the device, so it runs once per set, not once per inner step
-        support = (slice(0, n_support), task.support_labels, torch.unique(task.support_labels))
-        query = (slice(n_support, None), task.query_labels, torch.unique(task.query_labels))
-
-        def loss_on(parts, subset):
-            rows, labels, text_ids = subset
-            h_image, h_text = features(parts)
-            z_image, z_text = model.embed(h_image[rows], h_text[text_ids], domain_id, fast=parts)
-            return contrastive_loss(z_image, z_text, model.scale(), labels, text_ids), z_image, z_text
-
+            row = self.model.unknown_domain
+        view = TaskView(self.model, task, row, self.towers_adapt)
         if train and hp.method != "dcmcl":  # plain contrastive training on all pairs of the task
-            labels = torch.cat([task.support_labels, task.query_labels])
-            loss, z_all, _ = loss_on(None, (slice(None), labels, torch.unique(labels)))
-            return {"loss": loss, "z_align": z_all[query[0]], "support_loss": loss.detach()}
-
-        steps = hp.inner_steps if train else (hp.eval_inner_steps if hp.eval_inner_steps is not None else hp.inner_steps)
-        with torch.enable_grad():  # validation adapts too; the clone must be made with grad enabled
-            learner = self.learner.clone()
-            support_losses = adapt(learner, lambda parts: loss_on(parts, support)[0], steps)
-            loss, z_query, z_text = loss_on(learner.module, query)
-        out = {"loss": loss, "z_align": z_query, "support_loss": support_losses[0] if support_losses else loss.detach()}
-        if hp.align_on == "base" and hp.align_weight > 0:
-            out["z_align"] = loss_on(None, query)[1]
-        if task.labelled:
-            predicted = query[2][(z_query @ z_text.t()).argmax(dim=1)]  # nearest adapted class prompt
-            out["acc"] = (predicted == task.query_labels).float().mean()
-        return out
+            loss, z_both, _ = view.loss(view.both)
+            with torch.no_grad():
+                support_loss = view.loss(view.support)[0]
+            return TaskResult(loss, z_both[view.query.index], support_loss)
+        adapted = adapt_and_score(self.learner, view, hp.inner_steps if train else self.eval_steps,
+                                  first_order=None if train else True)
+        z_align = view.embed(view.query)[0] if hp.align_on == "base" and hp.align_weight > 0 else adapted.z_query
+        support_loss = adapted.support_losses[0] if adapted.support_losses else adapted.loss.detach()
+        predictions = adapted.predictions() if task.labelled else None
+        return TaskResult(adapted.loss, z_align, support_loss, predictions)
 
     def meta_step(self, batch: list[Task], stage: str) -> torch.Tensor:
         """The outer objective on a meta-batch: mean query loss + align_weight * R_align; logs per domain."""
         hp, train = self.hparams, stage == "train"
         results = [self.task_step(task, train) for task in batch]
-        query_loss = torch.stack([r["loss"] for r in results]).mean()
-        z = torch.cat([r["z_align"] for r in results])  # (sum Q, D)
-        ids = torch.cat([torch.full((len(r["z_align"]),), t.domain_id, device=z.device) for r, t in zip(results, batch)])
+        query_loss = torch.stack([r.loss for r in results]).mean()
+        z = torch.cat([r.z_align for r in results])  # (sum Q, D)
+        ids = torch.cat([torch.full((len(r.z_align),), t.domain_id, device=z.device) for r, t in zip(results, batch)])
         align = alignment_loss(z, ids, hp.align) if hp.align_weight > 0 else z.new_zeros(())
         loss = query_loss + hp.align_weight * align
         if train and not torch.isfinite(loss):
@@ -186,15 +194,16 @@ class MetaContrastiveModule(L.LightningModule):
         n = len(batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n)
         self.log(f"{stage}/align", align, batch_size=n)
-        for domain_id, name in enumerate(self.domains):
-            mine = [r for r, t in zip(results, batch) if t.domain_id == domain_id]
-            if mine:
-                self.log(f"{stage}/query_loss/{name}", torch.stack([r["loss"] for r in mine]).mean(), batch_size=len(mine))
-                self.log(f"{stage}/support_loss/{name}", torch.stack([r["support_loss"] for r in mine]).mean(), batch_size=len(mine))
+        for name in dict.fromkeys(t.domain for t in batch):
+            mine = [r for r, t in zip(results, batch) if t.domain == name]
+            self.log(f"{stage}/query_loss/{name}", torch.stack([r.loss for r in mine]).mean(), batch_size=len(mine))
+            self.log(f"{stage}/support_loss/{name}", torch.stack([r.support_loss for r in mine]).mean(), batch_size=len(mine))
         if not train:
             for r, t in zip(results, batch):
-                if "acc" in r:
-                    self.episode_acc[stage][str(t.domain_id)].update(r["acc"])
+                if r.predictions is not None:
+                    accuracy, f1 = episode_scores(r.predictions, t.query_labels, len(t.classes))
+                    self.episode_scores[stage][t.domain]["acc"].update(accuracy)
+                    self.episode_scores[stage][t.domain]["f1"].update(f1)
         if train:
             self.log("train/logit_scale", self.model.scale(), batch_size=n)
         return loss
@@ -224,24 +233,31 @@ class MetaContrastiveModule(L.LightningModule):
         self._log_accuracy("test")
 
     def _log_accuracy(self, stage: str) -> None:
-        """Mean episode accuracy per domain, its 95% CI, the episode count, and the mean over domains.
+        """Mean episode accuracy and macro-F1 per domain, their 95% CIs, the episode count, and the mean
+        accuracy over domains.
 
         Every rank computes every domain's metric (a collective under DDP), so the ranks stay in step
         even when one of them saw no episode of a domain."""
         means = []
-        for domain_id, name in enumerate(self.domains):
-            metric = self.episode_acc[stage][str(domain_id)]
-            result = metric.compute()
-            metric.reset()
-            if result["episodes"] == 0:
-                continue
-            means.append(result["mean"])
-            # already reduced over ranks by the metric: identical everywhere, no sync_dist
-            self.log(f"{stage}/acc/{name}", result["mean"])
-            self.log(f"{stage}/acc_ci95/{name}", result["ci95"])
-            self.log(f"{stage}/episodes/{name}", result["episodes"].float())
+        for name, metrics in self.episode_scores[stage].items():
+            for key, metric in metrics.items():
+                result = metric.compute()
+                metric.reset()
+                if result["episodes"] == 0:
+                    continue
+                # already reduced over ranks by the metric: identical everywhere, no sync_dist
+                self.log(f"{stage}/{key}/{name}", result["mean"])
+                self.log(f"{stage}/{key}_ci95/{name}", result["ci95"])
+                if key == "acc":
+                    means.append(result["mean"])
+                    self.log(f"{stage}/episodes/{name}", result["episodes"].float())
         if means:
             self.log(f"{stage}/acc", torch.stack(means).mean(), prog_bar=True)
+
+    def _score_metrics(self, stage_domains: dict[str, list[str]]) -> nn.ModuleDict:
+        return nn.ModuleDict({stage: nn.ModuleDict({name: nn.ModuleDict({"acc": EpisodeMean(), "f1": EpisodeMean()})
+                                                    for name in names})
+                              for stage, names in stage_domains.items()})
 
     def _check_grad_mode(self) -> None:
         if torch.is_inference_mode_enabled():

@@ -230,4 +230,4 @@ def test_caption_only_domains_give_caption_tasks_the_model_trains_on(tmp_path):
     val = next(iter(dm.val_dataloader()))
     assert {t.domain for t in val} == {"natural", "web"}
     module.meta_step(val, "val")
-    assert not module.episode_acc["val"]["1"].update_called  # no accuracy for caption-only tasks
+    assert not module.episode_scores["val"]["web"]["acc"].update_called  # no accuracy for caption-only tasks

@@ -11,6 +11,10 @@ from metacontrastive.models.clip import DomainConditionedCLIP
 INNER_LR = 0.5
 
 
+def _learner(model, scope="film+heads", algorithm="maml", inner_lr=0.1, first_order=False):
+    return build_learner(model, scope, algorithm, inner_lr, first_order)
+
+
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
@@ -31,15 +35,15 @@ def _loss(model, parts, h_img, h_txt, labels):
 
 def test_clone_equals_original(setup):
     model, hs, _, ht, y = setup
-    learner = build_learner(model, "film+heads").clone()
-    for (n1, p1), (n2, p2) in zip(learner.module.named_parameters(), build_learner(model).module.named_parameters()):
+    learner = _learner(model, "film+heads").clone()
+    for (n1, p1), (n2, p2) in zip(learner.module.named_parameters(), _learner(model).module.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
     assert torch.equal(_loss(model, learner.module, hs, ht, y), _loss(model, None, hs, ht, y))
 
 
 def test_inner_step_lowers_support_loss(setup):
     model, hs, _, ht, y = setup
-    learner = build_learner(model, "film+heads", inner_lr=1e-3).clone()
+    learner = _learner(model, "film+heads", inner_lr=1e-3).clone()
     before = _loss(model, learner.module, hs, ht, y)
     adapt(learner, lambda parts: _loss(model, parts, hs, ht, y), steps=1)
     assert _loss(model, learner.module, hs, ht, y) < before
@@ -48,7 +52,7 @@ def test_inner_step_lowers_support_loss(setup):
 @pytest.mark.parametrize("scope", ["film", "heads", "film+heads"])
 def test_adapt_changes_only_the_scope(setup, scope):
     model, hs, _, ht, y = setup
-    learner = build_learner(model, scope).clone()
+    learner = _learner(model, scope).clone()
     adapt(learner, lambda parts: _loss(model, parts, hs, ht, y), steps=1)
     changed = {name.split(".")[0] for name, p in learner.module.named_parameters()
                if not torch.equal(p, model.get_parameter(name))}
@@ -94,7 +98,7 @@ def test_outer_gradient_matches_hand_computation(setup, first_order):
     model, hs, hq, ht, y = setup
     expected = _hand_meta_gradient(model, hs, hq, ht, y, first_order)
 
-    learner = build_learner(model, "film+heads", inner_lr=INNER_LR, first_order=first_order).clone()
+    learner = _learner(model, "film+heads", inner_lr=INNER_LR, first_order=first_order).clone()
     adapt(learner, lambda parts: _loss(model, parts, hs, ht, y), steps=1)
     model.zero_grad()
     _loss(model, learner.module, hq, ht, y).backward()
@@ -114,14 +118,14 @@ def test_second_and_first_order_differ(setup):
 def test_unknown_scope_and_algorithm_are_errors(setup):
     model = setup[0]
     with pytest.raises(ValueError, match="unknown adapt_scope"):
-        build_learner(model, "towers")
+        _learner(model, "towers")
     with pytest.raises(ValueError, match="unknown algorithm"):
-        build_learner(model, "heads", algorithm="reptile")
+        _learner(model, "heads", algorithm="reptile")
 
 
 def test_metasgd_learns_a_rate_per_parameter_and_rejects_frozen_parts(setup):
     model, hs, hq, ht, y = setup
-    learner = build_learner(model, "heads", algorithm="metasgd", inner_lr=0.01)
+    learner = _learner(model, "heads", algorithm="metasgd", inner_lr=0.01)
     assert [lr.shape for lr in learner.lrs] == [p.shape for p in learner.module.parameters()]
     clone = learner.clone()
     adapt(clone, lambda parts: _loss(model, parts, hs, ht, y), steps=1)
@@ -130,5 +134,5 @@ def test_metasgd_learns_a_rate_per_parameter_and_rejects_frozen_parts(setup):
     for p in model.image_tower.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
-        build_learner(model, "all", algorithm="metasgd")
-    assert build_learner(model, "all", algorithm="maml")  # MAML carries frozen parts (allow_nograd)
+        _learner(model, "all", algorithm="metasgd")
+    assert _learner(model, "all", algorithm="maml")  # MAML carries frozen parts (allow_nograd)

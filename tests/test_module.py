@@ -6,6 +6,7 @@ import torch
 import yaml
 
 from metacontrastive.data.episodes import Task
+from metacontrastive.meta import TaskView, adapt_and_score
 from metacontrastive.module import MetaContrastiveModule
 
 
@@ -53,12 +54,17 @@ def test_projection_mode_freezes_towers():
     assert module.model.head_image.net[0].weight.grad.abs().sum() > 0
 
 
-def test_evaluation_adapts_and_scores_accuracy():
-    module = MetaContrastiveModule(eval_inner_steps=2)
+def test_evaluation_adapts_under_no_grad_and_predicts_the_adapted_nearest_prompt():
+    torch.manual_seed(0)
+    module = MetaContrastiveModule(eval_inner_steps=3, inner_lr=0.05)
+    task = _task(0)
     with torch.no_grad():  # as in Lightning's validation loop: adaptation must still get gradients
-        out = module.task_step(_task(0), train=False)
-    assert 0.0 <= out["acc"].item() <= 1.0
-    assert torch.isfinite(out["loss"])
+        adapted = adapt_and_score(module.learner, TaskView(module.model, task, 0), steps=3, first_order=True)
+        result = module.task_step(task, train=False)
+    losses = torch.stack(adapted.support_losses)
+    assert len(losses) == 3 and (losses[1:] < losses[:-1]).all()  # each inner step lowers the support loss
+    assert torch.equal(result.predictions, adapted.predictions())
+    assert result.predictions.shape == task.query_labels.shape
 
 
 def test_nan_loss_is_a_clear_error():

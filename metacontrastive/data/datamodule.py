@@ -4,25 +4,29 @@ Training streams are infinite and resampled: each (rank, worker) pair seeds its 
 shuffle buffer and episode draws from ``(seed, rank, worker, epoch at start)``, so episodes are
 reproducible for a seed (with the same number of ranks and workers) and differ across ranks and
 workers; a worker keeps its streams (and their filled reservoirs) from one epoch to the next.
-Validation and test use a fixed set of episodes per domain, seeded by ``eval_seed`` alone, so they are
-identical across runs, training seeds and methods.
-A meta-batch is a ``list[Task]``.
+Validation and test use a fixed set of episodes per domain (``metacontrastive.data.tasks``), drawn from
+the whole evaluation split and seeded by ``eval_seed`` alone, so they are identical across runs, training
+seeds and methods. Validation and test may name their own domains, including evaluation-only domains
+the model was not trained on (they get ids after the training domains; the model conditions them on
+its ``unknown`` embedding). A meta-batch is a ``list[Task]``.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
 from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from metacontrastive.data.episodes import (
-    DomainTaskStream, EpisodeShape, Task, domain_schedule, make_caption_task, make_task, mix_seed,
-)
-from metacontrastive.data.shards import Record, RecordStream
+from metacontrastive.data.episodes import DomainTaskStream, EpisodeShape, domain_schedule, mix_seed
 from metacontrastive.data.sources import DomainSplit, domain_split, read_manifest
+from metacontrastive.data.tasks import EvaluationPool, FixedEpisodes, Interleaved, MetaBatches
 
-__all__ = ["EpisodicDataModule", "FixedEpisodes", "MetaBatchStream"]
+__all__ = ["EpisodicDataModule", "MetaBatchStream"]
+
+log = logging.getLogger(__name__)
 
 
 def _identity(batch):
@@ -82,99 +86,6 @@ class MetaBatchStream(IterableDataset):
             yield [next(self.streams[i]) for i in ids]
 
 
-class _MetaBatches(Dataset):
-    """Consecutive groups of ``size`` tasks of a task dataset (the last group may be smaller).
-
-    FixedEpisodes interleaves domains, so each group mixes them; under DDP the sampler splits groups,
-    not tasks, across ranks (it pads by repeating groups when they do not divide evenly).
-    """
-
-    def __init__(self, tasks: Dataset, size: int) -> None:
-        self.tasks, self.size = tasks, size
-
-    def __len__(self) -> int:
-        return -(-len(self.tasks) // self.size)
-
-    def __getitem__(self, i: int) -> list[Task]:
-        return [self.tasks[j] for j in range(i * self.size, min((i + 1) * self.size, len(self.tasks)))]
-
-
-class FixedEpisodes(Dataset):
-    """A fixed, seeded list of tasks per domain, interleaved across domains.
-
-    Each domain's pool comes from one ordered pass over its split that stops once the pool is full: at
-    most ``pool_per_class`` records per usable class, or the first ``caption_pool`` records of a
-    caption-only domain. The draws are seeded by ``(seed, domain_id)`` only, so the episodes are the
-    same in every run and for every method. Episode ``i`` belongs to domain ``i % len(splits)``, so
-    consecutive episodes mix domains.
-
-    Args:
-        splits: one split of every domain, in domain-id order.
-        shape: the task shape.
-        episodes_per_domain: episodes drawn per domain.
-        image_size: side length images are resized to.
-        seed: the evaluation seed.
-        pool_per_class: records kept per class (at least ``shape.per_class``).
-        caption_pool: records kept per caption-only domain (at least ``shape.caption_size``).
-        strict: raise on a corrupt sample instead of skipping it.
-    """
-
-    def __init__(self, splits: list[DomainSplit], shape: EpisodeShape, episodes_per_domain: int, image_size: int, seed: int,
-                 pool_per_class: int, caption_pool: int, strict: bool = False) -> None:
-        self.splits, self.shape = splits, shape
-        per_class, captions = max(pool_per_class, shape.per_class), max(caption_pool, shape.caption_size)
-        self.pools = [self._pool(s, image_size, per_class, captions, strict) for s in splits]
-        per_domain = [self._draw(s, episodes_per_domain, random.Random(mix_seed(seed, split.domain_id)))
-                      for s, split in enumerate(splits)]
-        self.episodes = [episode for draws in zip(*per_domain) for episode in draws]
-
-    @staticmethod
-    def _pool(split: DomainSplit, image_size: int, per_class: int, caption_pool: int, strict: bool) -> dict[int, list[Record]]:
-        """Records by class (caption-only: all under label -1) from one ordered pass, stopping once full."""
-        pool: dict[int, list[Record]] = {c: [] for c in split.usable} if split.labelled else {-1: []}
-        limit = per_class if split.labelled else caption_pool
-        labels = set(split.usable) if split.labelled else None
-        stream = RecordStream(split.urls, image_size, seed=0, resampled=False, labels=labels, strict=strict,
-                              where=f"domain {split.name!r} evaluation pool")
-        full = 0
-        for record in stream:
-            group = pool[record.label]
-            if len(group) < limit:
-                group.append(record)
-                full += len(group) == limit
-                if full == len(pool):
-                    break
-        return pool
-
-    def _draw(self, s: int, count: int, rng: random.Random) -> list[tuple[int, list[tuple[int, list[int]]]]]:
-        """``count`` episodes of domain ``s``, each ``(s, [(class, record indices), ...])``."""
-        split, pool = self.splits[s], self.pools[s]
-        if not split.labelled:
-            size = self.shape.caption_size
-            if len(pool[-1]) < size:
-                raise ValueError(f"caption-only domain {split.name!r}: {len(pool[-1])} decodable pairs, a task needs {size}")
-            return [(s, [(-1, rng.sample(range(len(pool[-1])), size))]) for _ in range(count)]
-        per_class, ways = self.shape.per_class, self.shape.ways
-        eligible = sorted(c for c, records in pool.items() if len(records) >= per_class)
-        if len(eligible) < ways:
-            raise ValueError(f"domain {split.name!r}: {len(eligible)} classes have {per_class} decodable samples, "
-                             f"{ways}-way episodes need {ways}")
-        return [(s, [(c, rng.sample(range(len(pool[c])), per_class)) for c in rng.sample(eligible, ways)])
-                for _ in range(count)]
-
-    def __len__(self) -> int:
-        return len(self.episodes)
-
-    def __getitem__(self, i: int) -> Task:
-        s, picks = self.episodes[i]
-        split, pool = self.splits[s], self.pools[s]
-        groups = [[pool[c][j] for j in idx] for c, idx in picks]
-        if not split.labelled:
-            return make_caption_task(split.name, split.domain_id, groups[0], self.shape.support_size)
-        names = [split.classes[c] for c, _ in picks]
-        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, split.templates[0])
-
-
 class EpisodicDataModule(L.LightningDataModule):
     """Meta-batches of few-shot tasks from per-domain WebDataset shards, streamed with bounded memory.
 
@@ -183,13 +94,19 @@ class EpisodicDataModule(L.LightningDataModule):
     the manifests (domains, splits, class counts) is checked in ``setup``, before any shard is opened.
 
     Args:
-        domains: domain names, in domain-id order.
+        domains: the training domains, in domain-id order (the model's domain table).
         root: the shards root, holding ``<domain>/manifest.json`` and the shards.
         urls: per-domain shard specs that override ``root``, each with a ``{split}`` brace pattern or a
             ``{shard}`` field (see ``metacontrastive.data.sources``); the manifest lies beside the shards.
+        val_domains: domains validated on their ``val`` split (default: ``domains``). May name
+            evaluation-only domains, absent from ``domains``.
+        test_domains: domains tested on their ``test`` split (default: ``domains``); may name
+            evaluation-only domains, e.g. a held-out domain whose classes all sit in its test split.
         ways: classes per labelled task (N).
         shots: support samples per class (K).
         queries: query samples per class (Q).
+        eval_ways: classes per validation and test task (default: ``ways``); a domain whose evaluation
+            split has fewer usable classes is evaluated with all of them, with a warning.
         support_size: support pairs of a caption-only task (default: ``ways * shots``).
         query_size: query pairs of a caption-only task (default: ``ways * queries``).
         tasks_per_batch: tasks per meta-batch; at least 2 when two domains are configured.
@@ -200,9 +117,10 @@ class EpisodicDataModule(L.LightningDataModule):
         test_episodes: fixed test episodes per domain.
         image_size: side length images are resized to.
         num_workers: DataLoader workers for the training stream.
-        shuffle_buffer: raw samples each training stream holds for shuffling; also the size of a
-            caption-only domain's evaluation pool.
-        reservoir: records kept per class by the training sampler and by the evaluation pools.
+        shuffle_buffer: raw samples each training stream holds for shuffling.
+        reservoir: records kept per class by the training sampler.
+        eval_pool: records decoded per class of an evaluation split (caption-only: in total), the first
+            in shard order; None: the whole split, so that episodes draw from all of it.
         seed: seeds the training streams (mixed with rank, worker and epoch).
         eval_seed: seeds the fixed validation and test episodes (kept apart from ``seed`` so that runs
             with different training seeds are evaluated on the same episodes).
@@ -214,9 +132,12 @@ class EpisodicDataModule(L.LightningDataModule):
         domains: list[str] = ["natural", "medical"],  # noqa: B006 - read-only default, shown by the CLI
         root: str = "data/shards",
         urls: dict[str, str] | None = None,
+        val_domains: list[str] | None = None,
+        test_domains: list[str] | None = None,
         ways: int = 5,
         shots: int = 5,
         queries: int = 15,
+        eval_ways: int | None = None,
         support_size: int | None = None,
         query_size: int | None = None,
         tasks_per_batch: int = 4,
@@ -228,38 +149,66 @@ class EpisodicDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 500,
         reservoir: int = 40,
+        eval_pool: int | None = None,
         seed: int = 0,
         eval_seed: int = 0,
         strict_decode: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if len(set(domains)) != len(domains) or not domains:
-            raise ValueError(f"domains must be distinct and non-empty, got {domains}")
+        for what, names in (("domains", domains), ("val_domains", val_domains), ("test_domains", test_domains)):
+            if names is not None and (len(set(names)) != len(names) or not names):
+                raise ValueError(f"{what} must be distinct and non-empty, got {names}")
         if len(domains) > 1 and tasks_per_batch < 2:
             raise ValueError(f"tasks_per_batch={tasks_per_batch} cannot mix {len(domains)} domains in a meta-batch; "
                              "the alignment term needs tasks from two domains")
         self.shape = EpisodeShape(ways, shots, queries, support_size if support_size is not None else ways * shots,
                                   query_size if query_size is not None else ways * queries)
+        self.eval_shape = dataclasses.replace(self.shape, ways=eval_ways) if eval_ways is not None else self.shape
         if reservoir < self.shape.per_class:
             raise ValueError(f"reservoir={reservoir} cannot hold shots + queries = {self.shape.per_class} records per class")
         self.domains = list(domains)
+        self.stage_domains = {"train": self.domains, "val": list(val_domains or domains),
+                              "test": list(test_domains or domains)}
+        # training domains first, in order (their ids are the model's domain table), then evaluation-only ones
+        names = self.domains + [d for stage in ("val", "test") for d in self.stage_domains[stage]]
+        self.domain_ids = {name: i for i, name in enumerate(dict.fromkeys(names))}
         self.manifests: dict[str, dict] = {}
         self.splits: dict[str, list[DomainSplit]] = {}
-        self._fixed_sets: dict[str, FixedEpisodes] = {}
+        self._pools: dict[tuple[str, str], EvaluationPool] = {}
+        self._fixed_sets: dict[str, Interleaved] = {}
+
+    @property
+    def evaluation_only(self) -> list[str]:
+        """Domains validated or tested but not trained on."""
+        return [d for d in self.domain_ids if d not in self.domains]
 
     def split(self, name: str) -> list[DomainSplit]:
-        """Every domain's ``name`` split, checked against its manifest (read once per domain)."""
+        """The ``name`` split of every domain of that stage, checked against its manifest (read once per domain).
+
+        Training splits must allow ``ways``-way tasks; an evaluation split with fewer usable classes than
+        ``eval_ways`` is evaluated with all of them (see ``eval_shape_of``)."""
         if name not in self.splits:
             hp = self.hparams
+            train = name == "train"
+            shape = self.shape if train else self.eval_shape
             out = []
-            for domain_id, domain in enumerate(self.domains):
+            for domain in self.stage_domains[name]:
                 if domain not in self.manifests:
                     self.manifests[domain] = read_manifest(domain, hp.root, hp.urls)
-                out.append(domain_split(domain, domain_id, name, self.manifests[domain], hp.root, hp.urls,
-                                        self.shape.ways, self.shape.per_class, self.shape.caption_size))
+                out.append(domain_split(domain, self.domain_ids[domain], name, self.manifests[domain], hp.root, hp.urls,
+                                        shape.ways if train else 2, shape.per_class, shape.caption_size))
             self.splits[name] = out
         return self.splits[name]
+
+    def eval_shape_of(self, split: DomainSplit) -> EpisodeShape:
+        """The episode shape of a domain's evaluation split: ``eval_ways`` capped at its usable classes."""
+        shape = self.eval_shape
+        if split.labelled and len(split.usable) < shape.ways:
+            log.warning("domain %r: its evaluation split has %d usable classes, so it is evaluated %d-way, not %d-way",
+                        split.name, len(split.usable), len(split.usable), shape.ways)
+            return dataclasses.replace(shape, ways=len(split.usable))
+        return shape
 
     def setup(self, stage: str | None = None) -> None:
         for name in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test")):
@@ -273,18 +222,28 @@ class EpisodicDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=hp.num_workers,
                           persistent_workers=hp.num_workers > 0)
 
-    def fixed_episodes(self, name: str) -> FixedEpisodes:
-        """The fixed episodes of the ``val`` or ``test`` split, built (and decoded) once."""
+    def pool(self, split: DomainSplit, name: str) -> EvaluationPool:
+        """The decoded ``name`` split of one domain, decoded once."""
+        key = (split.name, name)
+        if key not in self._pools:
+            hp = self.hparams
+            self._pools[key] = EvaluationPool(split, hp.image_size, hp.eval_pool, hp.strict_decode)
+        return self._pools[key]
+
+    def fixed_episodes(self, name: str) -> Interleaved:
+        """The fixed episodes of the ``val`` or ``test`` split, every domain's interleaved, built once."""
         if name not in self._fixed_sets:
             hp = self.hparams
             count = hp.val_episodes if name == "val" else hp.test_episodes
-            self._fixed_sets[name] = FixedEpisodes(self.split(name), self.shape, count, hp.image_size, hp.eval_seed,
-                                                   hp.reservoir, hp.shuffle_buffer, hp.strict_decode)
+            self._fixed_sets[name] = Interleaved([
+                FixedEpisodes(self.pool(split, name), self.eval_shape_of(split), count, hp.eval_seed)
+                for split in self.split(name)
+            ])
         return self._fixed_sets[name]
 
     def _fixed_loader(self, name: str) -> DataLoader:
         # items are whole meta-batches, so that a distributed sampler hands each rank mixed-domain batches
-        batches = _MetaBatches(self.fixed_episodes(name), self.hparams.tasks_per_batch)
+        batches = MetaBatches(self.fixed_episodes(name), self.hparams.tasks_per_batch)
         return DataLoader(batches, batch_size=None, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader:

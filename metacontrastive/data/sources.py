@@ -44,6 +44,7 @@ class DomainSplit:
         urls: the split's shard URLs.
         classes: every class name of the domain; record labels index it. Empty for caption-only data.
         usable: class ids of this split with at least ``shots + queries`` samples (empty if caption-only).
+        counts: samples of each class id of this split (empty if caption-only).
         templates: caption templates with a ``{label}`` field, turning a class into a prompt.
         num_samples: samples in the split, all classes included.
     """
@@ -53,6 +54,7 @@ class DomainSplit:
     urls: list[str]
     classes: list[str]
     usable: list[int]
+    counts: dict[int, int]
     templates: list[str]
     num_samples: int
 
@@ -120,7 +122,7 @@ def domain_split(
     manifest: dict,
     root: str,
     urls: dict[str, str] | None,
-    ways: int,
+    ways: int | None,
     per_class: int,
     caption_size: int,
 ) -> DomainSplit:
@@ -135,7 +137,7 @@ def domain_split(
         manifest: the domain's manifest (``read_manifest``).
         root: the shards root, used when ``urls`` has no spec for the domain.
         urls: per-domain shard specs (see the module docstring).
-        ways: classes per labelled task.
+        ways: classes per labelled task; None checks nothing (the caller chooses the ways from ``usable``).
         per_class: samples per class in a labelled task (shots + queries).
         caption_size: pairs per caption-only task (support + query).
 
@@ -147,15 +149,16 @@ def domain_split(
     info = manifest["splits"][split]
     classes = list(manifest["classes"]) if manifest.get("labelled", True) else []
     usable: list[int] = []
+    counts: dict[int, int] = {}
     if classes:
         index = {name: i for i, name in enumerate(classes)}
-        counts = info["counts"]
-        usable = [index[name] for name, n in counts.items() if n >= per_class]
+        counts = {index[name]: int(n) for name, n in info["counts"].items()}
+        usable = [c for c, n in counts.items() if n >= per_class]
         dropped = len(counts) - len(usable)
         if dropped:
             log.warning("domain %r %s split: dropped %d of %d classes with fewer than shots + queries = %d samples",
                         domain, split, dropped, len(counts), per_class)
-        if len(usable) < ways:
+        if ways is not None and len(usable) < ways:
             raise ValueError(
                 f"domain {domain!r} {split} split: {ways}-way episodes need {ways} classes with at least shots + queries = "
                 f"{per_class} samples each, but the split has {len(counts)} classes and {len(usable)} with that many; "
@@ -166,4 +169,5 @@ def domain_split(
             f"caption-only domain {domain!r} {split} split: a task needs support_size + query_size = {caption_size} "
             f"pairs but the split has {info['num_samples']}"
         )
-    return DomainSplit(domain, domain_id, shard_urls, classes, usable, list(manifest["templates"]), int(info["num_samples"]))
+    return DomainSplit(domain, domain_id, shard_urls, classes, usable, counts, list(manifest["templates"]),
+                       int(info["num_samples"]))

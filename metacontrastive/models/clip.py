@@ -102,6 +102,16 @@ class DomainConditionedCLIP(nn.Module):
         text_tower = self._part("text_tower", fast)
         return image_tower(images), text_tower(texts)
 
+    def embed_image(self, h_image: torch.Tensor, domain_id: int | torch.Tensor,
+                    fast: Mapping[str, nn.Module] | None = None) -> torch.Tensor:
+        """Condition image features (B, F_I) on the domain and project them: normalised z_I (B, D)."""
+        return self._embed("image", h_image, domain_id, fast)
+
+    def embed_text(self, h_text: torch.Tensor, domain_id: int | torch.Tensor,
+                   fast: Mapping[str, nn.Module] | None = None) -> torch.Tensor:
+        """Condition text features (M, F_T) on the domain and project them: normalised z_T (M, D)."""
+        return self._embed("text", h_text, domain_id, fast)
+
     def embed(
         self,
         h_image: torch.Tensor,
@@ -117,17 +127,19 @@ class DomainConditionedCLIP(nn.Module):
             domain_id: one domain id for all rows, or (B,) ids for images and texts alike when B == M.
             fast: adapted replacements for parts of the model, by attribute name.
         """
-        film_image, film_text = self._part("film_image", fast), self._part("film_text", fast)
-        if film_image is not None or film_text is not None:
-            ids = torch.as_tensor(domain_id, device=h_image.device).reshape(-1)
-            cond = self._part("domain", fast)(ids)  # (1, C) or (B, C)
-        if film_image is not None:
-            h_image = film_image(h_image, cond)
-        if film_text is not None:
-            h_text = film_text(h_text, cond)
-        z_image = self._part("head_image", fast)(h_image)
-        z_text = self._part("head_text", fast)(h_text)
-        return F.normalize(z_image, dim=-1), F.normalize(z_text, dim=-1)
+        return self.embed_image(h_image, domain_id, fast), self.embed_text(h_text, domain_id, fast)
+
+    def encode_image(self, images: torch.Tensor, domain_id: int | torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings (B, D) of images (B, 3, H, W) in the domain's conditioning."""
+        return self.embed_image(self.image_tower(images), domain_id)
+
+    def _embed(self, modality: str, h: torch.Tensor, domain_id: int | torch.Tensor,
+               fast: Mapping[str, nn.Module] | None) -> torch.Tensor:
+        film = self._part(f"film_{modality}", fast)
+        if film is not None:
+            ids = torch.as_tensor(domain_id, device=h.device).reshape(-1)
+            h = film(h, self._part("domain", fast)(ids))  # conditioning (1, C) or (B, C)
+        return F.normalize(self._part(f"head_{modality}", fast)(h), dim=-1)
 
     def forward(
         self, images: torch.Tensor, texts: list[str], domain_id: int | torch.Tensor

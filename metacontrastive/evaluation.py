@@ -1,0 +1,421 @@
+"""The few-shot evaluation protocol: every method on the same seeded episodes, with 95% confidence intervals.
+
+One implementation serves the ``FewShotEvalCallback``, ``python -m metacontrastive evaluate``, the
+notebooks and the benchmarks. A method maps one labelled episode to a predicted class per query:
+
+=============== ============================================================== =================
+method          what it does                                                    reads
+=============== ============================================================== =================
+``pixels``      nearest class mean of the raw pixels (squared Euclidean): the   images only
+                floor every learned method must clear on real images
+``zero_shot``   nearest class prompt, no adaptation                             z_I, z_T
+``prototype``   nearest class mean of the support embeddings (cosine)           z_I
+``linear_probe`` multinomial logistic regression on the support embeddings,     z_I
+                L-BFGS from zero (scikit-learn's objective, C = ``probe_c``)
+``tip_adapter`` training-free cache of the support embeddings mixed with the    z_I, z_T
+                zero-shot logits (Zhang et al., 2022)
+``projection``  the second seed paper: fresh Linear-GELU-Linear heads on the     h_I, h_T
+                frozen tower features, trained contrastively on the support set
+``finetune``    FiLM + heads (the adapted scope) fine-tuned on the support set   the model
+                with Adam (the BSCD-FSL baseline)
+``dcmcl``       k inner steps from the meta-learned initialisation               the model
+=============== ============================================================== =================
+
+h_I, h_T are the tower features, z_I, z_T the model's domain-conditioned, projected and normalised
+embeddings before any adaptation. A domain the model was not trained on (or one named in ``holdout``)
+is conditioned on the ``unknown`` row of the domain table.
+
+Evaluation never trains the model and never keeps a second-order graph: ``dcmcl`` adapts first order
+(the adapted weights are the same), the other trained methods work on copies.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm import tqdm
+
+from metacontrastive.data.episodes import Task
+from metacontrastive.data.tasks import FixedEpisodes
+from metacontrastive.losses import contrastive_loss
+from metacontrastive.meta import TaskView, adapt_and_score
+from metacontrastive.metrics import EpisodeMean, episode_scores
+from metacontrastive.models.clip import ProjectionHead
+
+__all__ = ["METHODS", "Episode", "EvalOptions", "Result", "evaluate", "predict"]
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Settings of the methods that train or mix (fixed in advance, never searched on test episodes).
+
+    Attributes:
+        inner_steps: ``dcmcl`` inner steps (None: the model's ``eval_inner_steps``).
+        finetune_steps: Adam steps of ``finetune`` on the support set.
+        finetune_lr: its learning rate.
+        projection_steps: Adam steps of ``projection``'s fresh heads.
+        projection_lr: their learning rate.
+        projection_temperature: the fixed temperature of ``projection``'s contrastive loss (CLIP's 0.07).
+        projection_hidden: hidden width of ``projection``'s heads.
+        probe_c: inverse L2 strength of ``linear_probe`` (scikit-learn's ``C``).
+        probe_iters: its L-BFGS iterations.
+        tip_alpha: Tip-Adapter's residual ratio alpha (the paper's default, 1).
+        tip_beta: Tip-Adapter's sharpness beta (the paper's default, 5.5).
+        seed: seeds the fresh heads of ``projection`` (per episode, so results do not depend on order).
+    """
+
+    inner_steps: int | None = None
+    finetune_steps: int = 50
+    finetune_lr: float = 1e-3
+    projection_steps: int = 100
+    projection_lr: float = 1e-3
+    projection_temperature: float = 0.07
+    projection_hidden: int = 256
+    probe_c: float = 1.0
+    probe_iters: int = 100
+    tip_alpha: float = 1.0
+    tip_beta: float = 5.5
+    seed: int = 0
+
+
+@dataclass
+class Episode:
+    """One labelled task as every method reads it, computed once and shared by all methods.
+
+    Build it from a model with ``Episode.of``; tests build one by hand from the tensors alone.
+
+    Attributes:
+        task: the task (images, labels, class prompts).
+        h_image: (S + Q, F_I) frozen tower features of support then query images.
+        h_text: (N, F_T) tower features of the class prompts.
+        z_image: (S + Q, D) the model's un-adapted, domain-conditioned, normalised image embeddings.
+        z_text: (N, D) the same for the class prompts.
+        scale: the model's inverse temperature.
+        row: the domain-table row conditioning the task.
+        module: the ``MetaContrastiveModule`` (for the methods that adapt the model).
+        view: the model's ``TaskView`` of the task.
+    """
+
+    task: Task
+    h_image: torch.Tensor
+    h_text: torch.Tensor
+    z_image: torch.Tensor
+    z_text: torch.Tensor
+    scale: torch.Tensor | float
+    row: int = 0
+    module: nn.Module | None = None
+    view: TaskView | None = None
+
+    @classmethod
+    def of(cls, module: nn.Module, task: Task, row: int) -> Episode:
+        """The episode of ``task`` under ``module`` (a ``MetaContrastiveModule``), conditioned on ``row``."""
+        if not task.labelled:
+            raise ValueError(f"domain {task.domain!r}: few-shot evaluation needs labelled episodes, not caption tasks")
+        with torch.no_grad():  # frozen features: no method differentiates into the towers (unless they adapt)
+            view = TaskView(module.model, task, row, module.towers_adapt)
+            h_image, h_text = view.features()  # (S + Q, F_I), (N, F_T)
+            z_image, z_text = module.model.embed(h_image, h_text, row)  # (S + Q, D), (N, D)
+            scale = module.model.scale()
+        return cls(task, h_image, h_text, z_image, z_text, scale, row, module, view)
+
+    @property
+    def ways(self) -> int:
+        return len(self.task.classes)
+
+    @property
+    def support_labels(self) -> torch.Tensor:
+        return self.task.support_labels
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(support rows, query rows) of a per-image tensor."""
+        n = len(self.task.support_labels)
+        return rows[:n], rows[n:]
+
+
+def _class_means(x: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """(ways, D) mean of the rows of each class."""
+    sums = torch.zeros(ways, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    return sums / torch.bincount(labels, minlength=ways).clamp(min=1)[:, None].to(x.dtype)
+
+
+def _pixels(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+    images = torch.cat([ep.task.support_images, ep.task.query_images])
+    support, query = ep.split(images.flatten(1))  # (S, 3HW), (Q, 3HW)
+    prototypes = _class_means(support, ep.support_labels, ep.ways)
+    return torch.cdist(query, prototypes).argmin(dim=1)
+
+
+def _zero_shot(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+    return (ep.split(ep.z_image)[1] @ ep.z_text.t()).argmax(dim=1)
+
+
+def _prototype(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+    support, query = ep.split(ep.z_image)
+    prototypes = F.normalize(_class_means(support, ep.support_labels, ep.ways), dim=-1)  # (N, D)
+    return (query @ prototypes.t()).argmax(dim=1)
+
+
+def _linear_probe(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+    support, query = ep.split(ep.z_image)
+    return logistic_regression(support, ep.support_labels, ep.ways, opts.probe_c, opts.probe_iters)(query).argmax(dim=1)
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float, iters: int) -> Callable:
+    """Fit multinomial logistic regression with scikit-learn's objective, sum CE + ||W||^2 / (2C) (the
+    bias unpenalised), by full-batch L-BFGS from zero: deterministic. Returns the logit function."""
+    weight = torch.zeros(x.shape[1], classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iters, tolerance_grad=1e-6,
+                                  tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:  # scaled by 1 / n: the same minimiser, better conditioned steps
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + weight.pow(2).sum() / (2.0 * c * len(x))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    return lambda q: q @ weight.detach() + bias.detach()
+
+
+def _tip_adapter(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+    support, query = ep.split(ep.z_image)
+    affinity = query @ support.t()  # (Q, S) cosine similarities
+    values = F.one_hot(ep.support_labels, ep.ways).to(affinity.dtype)  # (S, N) the cache's labels
+    cache_logits = torch.exp(-opts.tip_beta * (1.0 - affinity)) @ values  # (Q, N)
+    # the paper mixes with CLIP's logits at its scale (100); here the model's own learned scale
+    zero_shot_logits = ep.scale * query @ ep.z_text.t()  # (Q, N)
+    return (zero_shot_logits + opts.tip_alpha * cache_logits).argmax(dim=1)
+
+
+class _Embed(nn.Module):
+    """``model.embed`` for one domain row as a module's forward, so that ``functional_call`` can swap in
+    copies of its parts."""
+
+    def __init__(self, model: nn.Module, row: int) -> None:
+        super().__init__()
+        self.model, self.row = model, row
+
+    def forward(self, h_image: torch.Tensor, h_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.embed(h_image, h_text, self.row)
+
+
+class _FreshHeads(nn.Module):
+    """The projection baseline's heads: a Linear-GELU-Linear head per modality, normalised outputs."""
+
+    def __init__(self, image_dim: int, text_dim: int, hidden: int, dim: int) -> None:
+        super().__init__()
+        self.image, self.text = ProjectionHead(image_dim, hidden, dim), ProjectionHead(text_dim, hidden, dim)
+
+    def forward(self, h_image: torch.Tensor, h_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.normalize(self.image(h_image), dim=-1), F.normalize(self.text(h_text), dim=-1)
+
+
+def _train_copies(net: nn.Module, params: dict[str, torch.Tensor], inputs: tuple, scale: torch.Tensor | float,
+                  labels: torch.Tensor, steps: int, lr: float) -> dict[str, torch.Tensor]:
+    """Train one copy of ``params`` per episode with Adam on its own support set's contrastive loss.
+
+    The copies are stacked on dim 0 and run together under ``torch.func.vmap``; Adam works element by
+    element, so this equals training each copy on its own, at the cost of one.
+
+    Args:
+        net: maps ``*inputs`` of one episode to (z_image, z_text); ``params`` replace its parameters.
+        params: (B, ...) stacked leaves, one copy per episode.
+        inputs: per-episode inputs stacked on dim 0.
+        scale: the inverse temperature of the loss.
+        labels: (S,) the support labels, the same in every episode of a set.
+        steps: Adam steps.
+        lr: Adam's learning rate.
+    """
+    classes = torch.unique(labels)
+
+    def loss(p: dict, *x: torch.Tensor) -> torch.Tensor:
+        z_image, z_text = functional_call(net, p, x)
+        return contrastive_loss(z_image, z_text, scale, labels, classes)
+
+    batched = torch.func.vmap(loss, in_dims=(0,) + (0,) * len(inputs))
+    leaves = list(params.values())
+    optimizer = torch.optim.Adam(leaves, lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            total = batched(params, *inputs).sum()  # episodes are independent: each copy gets its own gradient
+            optimizer.zero_grad()
+            total.backward(inputs=leaves)  # only the copies: the model's own weights get no gradient
+            optimizer.step()
+    return {name: p.detach() for name, p in params.items()}
+
+
+def _copies(named: Iterable[tuple[str, torch.Tensor]], count: int) -> dict[str, torch.Tensor]:
+    """``count`` trainable copies of each tensor, stacked on a new dim 0."""
+    return {name: p.detach().unsqueeze(0).repeat(count, *([1] * p.ndim)).requires_grad_() for name, p in named}
+
+
+def _nearest_text(net: nn.Module, params: dict[str, torch.Tensor], inputs: tuple) -> torch.Tensor:
+    """(B, Q) the nearest text of each query, with each episode's trained copy."""
+    z_query, z_text = torch.func.vmap(lambda p, *x: functional_call(net, p, x))(params, *inputs)  # (B, Q, D), (B, N, D)
+    return (z_query @ z_text.transpose(1, 2)).argmax(dim=2)
+
+
+def _projection(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
+    first = episodes[0]
+    hidden, dim = opts.projection_hidden, first.z_text.shape[1]  # the model's shared-space size
+    with torch.random.fork_rng(devices=[]):  # one seeded initialisation for every episode, without touching the global stream
+        torch.manual_seed(opts.seed)
+        heads = _FreshHeads(first.h_image.shape[1], first.h_text.shape[1], hidden, dim).to(first.h_image.device)
+    support, query = map(torch.stack, zip(*(ep.split(ep.h_image) for ep in episodes)))  # (B, S, F_I), (B, Q, F_I)
+    texts = torch.stack([ep.h_text for ep in episodes])  # (B, N, F_T)
+    params = _train_copies(heads, _copies(heads.named_parameters(), len(episodes)), (support, texts),
+                           1.0 / opts.projection_temperature, first.support_labels, opts.projection_steps, opts.projection_lr)
+    with torch.no_grad():
+        return _nearest_text(heads, params, (query, texts))
+
+
+def _finetune(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
+    first = episodes[0]
+    model = first.module.model
+    net = _Embed(model, first.row)
+    tuned = [(n, p) for n, p in net.named_parameters() if n.split(".")[1] in _FINETUNED and p.requires_grad]
+    support, query = map(torch.stack, zip(*(ep.split(ep.h_image) for ep in episodes)))  # (B, S, F_I), (B, Q, F_I)
+    texts = torch.stack([ep.h_text for ep in episodes])  # (B, N, F_T)
+    params = _train_copies(net, _copies(tuned, len(episodes)), (support, texts), model.scale().detach(),
+                           first.support_labels, opts.finetune_steps, opts.finetune_lr)
+    with torch.no_grad():
+        return _nearest_text(net, params, (query, texts))
+
+
+_FINETUNED = ("film_image", "film_text", "head_image", "head_text")  # what ``finetune`` trains, whatever the adapt scope
+
+
+def _dcmcl(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+    steps = ep.module.eval_steps if opts.inner_steps is None else opts.inner_steps
+    return adapt_and_score(ep.module.learner, ep.view, steps, first_order=True).predictions()
+
+
+Method = Callable[[list[Episode], EvalOptions], torch.Tensor]  # episodes of one set -> (B, Q) predictions
+
+
+def _each(method: Callable[[Episode, EvalOptions], torch.Tensor]) -> Method:
+    """A method written for one episode, applied to each."""
+    return lambda episodes, opts: torch.stack([method(ep, opts) for ep in episodes])
+
+
+METHODS: dict[str, Method] = {
+    "pixels": _each(_pixels),
+    "zero_shot": _each(_zero_shot),
+    "prototype": _each(_prototype),
+    "linear_probe": _each(_linear_probe),
+    "tip_adapter": _each(_tip_adapter),
+    "projection": _projection,
+    "finetune": _finetune,
+    "dcmcl": _each(_dcmcl),
+}
+
+
+def predict(method: str, episodes: list[Episode], opts: EvalOptions = EvalOptions()) -> torch.Tensor:
+    """(B, Q) the class ``method`` predicts for each query of each episode (all of one shape)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown evaluation method {method!r}; choose from {list(METHODS)} or 'all'")
+    return METHODS[method](episodes, opts).detach()
+
+
+@dataclass
+class Result:
+    """One row of the results table: a method on one domain's episodes of one shape."""
+
+    domain: str
+    conditioning: str  # the domain-table row used: the domain's own, or "unknown"
+    method: str
+    ways: int
+    shots: int
+    queries: int
+    episodes: int
+    images: int  # distinct images the episodes used
+    acc: float
+    acc_ci95: float
+    f1: float
+    f1_ci95: float
+    ms_per_episode: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(
+    module: nn.Module,
+    episode_sets: Iterable[FixedEpisodes],
+    methods: Iterable[str],
+    opts: EvalOptions = EvalOptions(),
+    holdout: Iterable[str] = (),
+    chunk: int = 50,
+    progress: bool = True,
+) -> list[Result]:
+    """Score ``methods`` on every episode of every set: the same episodes, in the same order, for each.
+
+    Args:
+        module: a ``MetaContrastiveModule``; put in eval mode for the call and restored after.
+        episode_sets: fixed episodes, one set per (domain, shape).
+        methods: names from ``METHODS``.
+        opts: the methods' settings.
+        holdout: domains conditioned on the ``unknown`` embedding even if the model knows them.
+        chunk: episodes scored together (the trained methods train one copy per episode at once).
+        progress: show a progress bar.
+
+    Returns:
+        One ``Result`` per (set, method), in that order.
+    """
+    methods, sets, holdout = list(methods), list(episode_sets), set(holdout)
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown evaluation method {method!r}; choose from {list(METHODS)} or 'all'")
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    results = []
+    bar = tqdm(total=sum(len(s) for s in sets), desc="evaluate", unit="episode", disable=not progress, mininterval=2.0)
+    try:
+        for episodes in sets:
+            domain = episodes.split.name
+            row = module.model.unknown_domain if domain in holdout else module.domain_row(domain)
+            scores = {m: {"acc": EpisodeMean(), "f1": EpisodeMean()} for m in methods}
+            seconds = dict.fromkeys(methods, 0.0)
+            for first in range(0, len(episodes), chunk):
+                batch = [Episode.of(module, _to(episodes[i], device), row)
+                         for i in range(first, min(first + chunk, len(episodes)))]
+                targets = torch.stack([ep.task.query_labels for ep in batch])  # (B, Q)
+                for method in methods:
+                    start = time.perf_counter()
+                    predictions = predict(method, batch, opts)  # (B, Q)
+                    seconds[method] += time.perf_counter() - start
+                    for prediction, target in zip(predictions, targets):
+                        accuracy, f1 = episode_scores(prediction, target, batch[0].ways)
+                        scores[method]["acc"].update(accuracy.cpu())
+                        scores[method]["f1"].update(f1.cpu())
+                bar.update(len(batch))
+            known = row != module.model.unknown_domain
+            for method in methods:
+                acc, f1 = scores[method]["acc"].compute(), scores[method]["f1"].compute()
+                results.append(Result(
+                    domain=domain, conditioning=domain if known else "unknown", method=method,
+                    ways=episodes.shape.ways, shots=episodes.shape.shots, queries=episodes.shape.queries,
+                    episodes=len(episodes), images=episodes.distinct_images(),
+                    acc=float(acc["mean"]), acc_ci95=float(acc["ci95"]), f1=float(f1["mean"]), f1_ci95=float(f1["ci95"]),
+                    ms_per_episode=1000.0 * seconds[method] / max(len(episodes), 1),
+                ))
+    finally:
+        bar.close()
+        module.train(was_training)
+    return results
+
+
+def _to(task: Task, device: torch.device) -> Task:
+    if task.support_images.device == device:
+        return task
+    return Task(task.domain, task.domain_id, task.texts, task.support_images.to(device), task.support_labels.to(device),
+                task.query_images.to(device), task.query_labels.to(device), task.classes)
