@@ -12,8 +12,9 @@ DOMAINS ?= natural,medical
 CONFIG  ?= conf/default.yaml
 SHARDS  ?= data/shards
 ARGS    ?=
+CKPT    ?= $(shell ls -t logs/*/version_*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 
-.PHONY: help install data train test test-fast tensorboard clean
+.PHONY: help install data train eval test test-fast tensorboard clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +43,10 @@ $(SHARDS)/%/manifest.json: | install
 
 train: install $(MANIFESTS) ## Train DCMCL on DOMAINS with CONFIG; ARGS="--model.inner_lr=0.05 ..." overrides
 	$(PY) -m metacontrastive fit -c $(CONFIG) --data.domains=[$(DOMAINS)] --data.root=$(SHARDS) $(ARGS)
+
+eval: install ## Few-shot table of CKPT (default: the newest last.ckpt), every method; ARGS="--episodes 100 ..." overrides
+	@test -n "$(CKPT)" || { echo "make eval: no checkpoint under logs/; run 'make train' first or pass CKPT=path/to.ckpt"; exit 1; }
+	$(PY) -m metacontrastive evaluate --ckpt $(CKPT) $(ARGS)
 
 test: install ## Run the test suite (all of it, slow tests included)
 	$(PY) -m pytest

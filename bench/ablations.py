@@ -1,47 +1,66 @@
-"""Train every ablation preset with the same step budget and compare few-shot accuracy per domain.
+"""Train every ablation preset with the same budget and score them on the same test episodes.
 
-For each preset in conf/ablations/ (plain contrastive, + conditioning, + MAML, full method, projection
-baseline) this script trains with conf/default.yaml plus the preset, then tests the last checkpoint on
-the fixed, seeded test episodes (identical for every method) and prints a table of mean accuracy with
-its 95% confidence interval. It also writes ablations.csv and ablations.png to --out.
+For each seed and each preset in conf/ablations/ (plain contrastive, + conditioning, + MAML, full
+method, projection baseline) this script trains with conf/default.yaml plus the preset (and any
+--config files after it), then scores the last checkpoint with ``metacontrastive.evaluation`` on the
+fixed, seeded test episodes of every domain: the same episodes for every preset, method and seed.
+Rows are ``<preset>/<method>`` (the ``pixels`` floor once); with several seeds, the table shows the
+mean over seeds and the spread across them. Files in --out: results.json, results.csv, results.md and
+accuracy_vs_shots.png for the table (``metacontrastive.reporting``), runs.json with every seed's rows,
+training times and last validation accuracies.
 
 Usage:
-    python bench/ablations.py --root data/shards --out bench/results/ablations [--steps 300] [--test-episodes 600]
+    python bench/ablations.py --root data/shards --out bench/results/ablations [--steps 300] [--episodes 600]
+    python bench/ablations.py --seeds 0,1,2 --methods dcmcl,prototype --presets contrastive,full
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
+import json
+import statistics
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from metacontrastive.cli import MetaCLI  # noqa: E402
-from metacontrastive.data.datamodule import EpisodicDataModule  # noqa: E402
-from metacontrastive.module import MetaContrastiveModule  # noqa: E402
+from metacontrastive.cli import MetaCLI
+from metacontrastive.data.datamodule import EpisodicDataModule
+from metacontrastive.evaluation import METHODS, Result, evaluate
+from metacontrastive.module import MetaContrastiveModule
+from metacontrastive.reporting import markdown_table, write_results
 
 PRESETS = ("contrastive", "conditioned", "maml", "full", "projection")
 
 
-def run_preset(preset: str, args: argparse.Namespace) -> dict:
+def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
+    configs = ["-c", "conf/default.yaml", "-c", f"conf/ablations/{preset}.yaml"]
+    for extra in args.config:
+        configs += ["-c", extra]
     overrides = [
-        "-c", "conf/default.yaml", "-c", f"conf/ablations/{preset}.yaml",
-        f"--data.domains=[{args.domains}]", f"--data.root={args.root}", f"--data.test_episodes={args.test_episodes}",
-        f"--trainer.max_steps={args.steps}", f"--trainer.logger.init_args.save_dir={args.out}",
-        "--trainer.enable_progress_bar=false", f"--seed_everything={args.seed}",
+        f"--data.domains=[{args.domains}]", f"--data.root={args.root}", f"--trainer.max_steps={args.steps}",
+        f"--trainer.logger.init_args.save_dir={args.out}", f"--trainer.logger.init_args.version=seed{seed}",
+        "--trainer.enable_progress_bar=false", f"--seed_everything={seed}", f"--data.seed={seed}",
     ]
-    cli = MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False, args=overrides,
+    cli = MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False, args=configs + overrides,
                   trainer_defaults={"inference_mode": False}, save_config_kwargs={"overwrite": True})
-    start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    fit_s = time.perf_counter() - start
-    val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/acc")}
-    (test,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last", verbose=False)
-    return {"preset": preset, "fit_s": fit_s, **val, **{k: float(v) for k, v in test.items()}}
+    return cli
+
+
+def over_seeds(rows: list[Result]) -> list[Result]:
+    """One row per (method, domain, shots): the mean over seeds; the CI becomes the spread across seeds
+    (1.96 std / sqrt(seeds)) when there are several, else stays the episode CI."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.domain, r.shots), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        ci = {k: 1.96 * statistics.stdev(getattr(r, k) for r in group) / len(group) ** 0.5 for k in ("acc", "f1")}
+        out.append(dataclasses.replace(group[0], acc=statistics.mean(r.acc for r in group), acc_ci95=ci["acc"],
+                                       f1=statistics.mean(r.f1 for r in group), f1_ci95=ci["f1"]))
+    return out
 
 
 def main() -> None:
@@ -50,42 +69,38 @@ def main() -> None:
     parser.add_argument("--domains", default="natural,medical")
     parser.add_argument("--out", default="bench/results/ablations")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--test-episodes", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--shots", default="5", help="comma-separated shots to test")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--methods", default="dcmcl,zero_shot,prototype,finetune", help=f"from {list(METHODS)}")
+    parser.add_argument("--config", action="append", default=[], help="more config files after the preset (repeatable)")
     args = parser.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    domains = args.domains.split(",")
-
-    rows = [run_preset(p, args) for p in args.presets.split(",")]
-
-    print(f"\n5-way 5-shot 15-query, {args.steps} training steps each; test: {args.test_episodes} fixed episodes "
-          f"per domain (accuracy % +- 95% CI); val: the last validation ({rows[0].get('val/episodes/' + domains[0], '?')} episodes)")
-    header = f"{'preset':<12}" + "".join(f"{'test ' + d:>22}{'val ' + d:>14}" for d in domains) + f"{'fit s':>8}"
-    print(header)
-    for r in rows:
-        cells = "".join(f"{100 * r[f'test/acc/{d}']:>14.1f} +- {100 * r[f'test/acc_ci95/{d}']:<4.1f}"
-                        f"{100 * r.get(f'val/acc/{d}', float('nan')):>14.1f}" for d in domains)
-        print(f"{r['preset']:<12}{cells}{r['fit_s']:>8.0f}")
-
-    with open(Path(args.out) / "ablations.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(domains)
-    for i, d in enumerate(domains):
-        xs = [j + i * width for j in range(len(rows))]
-        ax.bar(xs, [100 * r[f"test/acc/{d}"] for r in rows], width,
-               yerr=[100 * r[f"test/acc_ci95/{d}"] for r in rows], capsize=3, label=d)
-    ax.set_xticks([j + width * (len(domains) - 1) / 2 for j in range(len(rows))], [r["preset"] for r in rows])
-    ax.axhline(100 / 5, color="grey", linestyle="--", linewidth=1, label="chance (5-way)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"5-way 5-shot accuracy after adaptation, {args.test_episodes} episodes per domain")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(Path(args.out) / "ablations.png", dpi=120)
-    print(f"wrote {args.out}/ablations.csv and ablations.png")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shots, methods = [int(k) for k in args.shots.split(",")], args.methods.split(",")
+    rows, timings = [], []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for n, preset in enumerate(args.presets.split(",")):
+            start = time.perf_counter()
+            cli = train(preset, seed, args)
+            fit_s = time.perf_counter() - start
+            sets = cli.datamodule.episode_sets("test", shots, args.episodes, labelled_only=True)
+            extra = ["pixels"] if n == 0 else []  # the floor needs no model: once per seed is enough
+            results = evaluate(cli.model, sets, extra + methods, progress=False)  # the last weights, as last.ckpt
+            rows += [dataclasses.replace(r, method=r.method if r.method == "pixels" else f"{preset}/{r.method}")
+                     for r in results]
+            timings.append({"seed": seed, "preset": preset, "fit_s": fit_s,
+                            "val": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/acc")}})
+            print(f"seed {seed} {preset}: trained {args.steps} steps in {fit_s:.0f}s")
+    table = over_seeds(rows)
+    seeds_note = (f"mean over seeds {args.seeds} ± 1.96 std / sqrt(seeds) across seeds" if "," in args.seeds
+                  else f"seed {args.seeds}, ± the 95% CI over episodes")
+    note = f"{args.steps} training steps per preset; {seeds_note}."
+    write_results(table, out, vars(args), sum(t["fit_s"] for t in timings), note)
+    (out / "runs.json").write_text(json.dumps({"runs": timings, "results": [r.as_dict() for r in rows]}, indent=2))
+    print(note + "\n\n" + markdown_table(table))
+    print(f"wrote {out}/results.json, results.csv, results.md, accuracy_vs_shots.png and runs.json")
 
 
 if __name__ == "__main__":

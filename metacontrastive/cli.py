@@ -17,7 +17,6 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from metacontrastive.data.datamodule import EpisodicDataModule
-from metacontrastive.data.tasks import FixedEpisodes
 from metacontrastive.evaluation import METHODS, EvalOptions, evaluate
 from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import log_to_tensorboard, markdown_table, write_results
@@ -115,15 +114,10 @@ def evaluate_main(argv: list[str] | None = None) -> list:
         eval_seed=args.seed if args.seed is not None else data.get("eval_seed", 0),
         strict_decode=data.get("strict_decode", False),
     )
-    sets = []
-    for split in datamodule.split("test"):
-        if not split.labelled:
-            print(f"evaluate: skipping caption-only domain {split.name!r} (few-shot classification needs labels)")
-            continue
-        shape = datamodule.eval_shape_of(split)
-        pool = datamodule.pool(split, "test")
-        sets += [FixedEpisodes(pool, dataclasses.replace(shape, shots=k), args.episodes, datamodule.hparams.eval_seed)
-                 for k in shots]
+    skipped = [split.name for split in datamodule.split("test") if not split.labelled]
+    if skipped:
+        print(f"evaluate: skipping caption-only domains {skipped} (few-shot classification needs labels)")
+    sets = datamodule.episode_sets("test", shots, args.episodes, labelled_only=True)
     if not sets:
         raise SystemExit("evaluate: no labelled test domain to evaluate")
     options = EvalOptions(inner_steps=args.inner_steps)

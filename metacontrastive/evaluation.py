@@ -30,7 +30,6 @@ Evaluation never trains the model and never keeps a second-order graph: ``dcmcl`
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
@@ -383,7 +382,9 @@ def evaluate(
         for episodes in sets:
             domain = episodes.split.name
             row = module.model.unknown_domain if domain in holdout else module.domain_row(domain)
-            scores = {m: {"acc": EpisodeMean(), "f1": EpisodeMean()} for m in methods}
+            # local metrics: under DDP only rank 0 may be evaluating (the callbacks), so no collective on compute
+            scores = {m: {"acc": EpisodeMean(sync_on_compute=False), "f1": EpisodeMean(sync_on_compute=False)}
+                      for m in methods}
             seconds = dict.fromkeys(methods, 0.0)
             for first in range(0, len(episodes), chunk):
                 batch = [Episode.of(module, _to(episodes[i], device), row)

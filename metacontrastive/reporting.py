@@ -18,70 +18,69 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-
-from metacontrastive.evaluation import Result  # noqa: E402
+from metacontrastive.evaluation import Result
 
 __all__ = ["FILES", "log_to_tensorboard", "markdown_table", "plot_accuracy_vs_shots", "write_results"]
 
 FILES = ("results.json", "results.csv", "results.md", "accuracy_vs_shots.png")
 
 
-def _columns(results: Sequence[Result]) -> list[tuple[str, int]]:
-    return list(dict.fromkeys((r.domain, r.shots) for r in results))
+def _columns(results: Sequence[Result]) -> dict[tuple[str, str, int], Result]:
+    """The first row of each (domain, conditioning, shots) column, in order of appearance."""
+    columns: dict[tuple[str, str, int], Result] = {}
+    for r in results:
+        columns.setdefault((r.domain, r.conditioning, r.shots), r)
+    return columns
 
 
 def markdown_table(results: Sequence[Result]) -> str:
-    """A row per method, a column per (domain, shots): accuracy % +- 95% CI, then macro-F1 % +- CI."""
+    """A row per method, a column per (domain, conditioning, shots): accuracy % +- 95% CI, then macro-F1 % +- CI."""
     columns = _columns(results)
-    by_key = {(r.method, r.domain, r.shots): r for r in results}
-    heads = []
-    for domain, shots in columns:
-        r = next(x for x in results if (x.domain, x.shots) == (domain, shots))
-        conditioned = "" if r.conditioning == domain else f", via {r.conditioning}"
-        heads.append(f"{domain} {r.ways}-way {shots}-shot{conditioned}")
+    by_key = {(r.method, r.domain, r.conditioning, r.shots): r for r in results}
+    heads = [f"{domain} {r.ways}-way {shots}-shot" + ("" if conditioning == domain else f", via {conditioning}")
+             for (domain, conditioning, shots), r in columns.items()]
     lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(columns)]
     for method in dict.fromkeys(r.method for r in results):
         cells = []
-        for domain, shots in columns:
-            r = by_key.get((method, domain, shots))
+        for domain, conditioning, shots in columns:
+            r = by_key.get((method, domain, conditioning, shots))
             cells.append("" if r is None else f"{100 * r.acc:.1f} ± {100 * r.acc_ci95:.1f} (F1 {100 * r.f1:.1f} ± {100 * r.f1_ci95:.1f})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    notes = []
-    for domain, shots in columns:
-        r = next(x for x in results if (x.domain, x.shots) == (domain, shots))
-        notes.append(f"{domain} {shots}-shot: {r.episodes} episodes, {r.queries} queries per class, "
-                     f"{r.images} distinct images, chance {100 / r.ways:.1f}%")
-    return "\n".join(lines) + "\n\nAccuracy % ± 95% CI (1.96 std / sqrt(episodes)), macro-F1 in brackets. " + "; ".join(notes) + ".\n"
+    notes = [f"{domain} {shots}-shot: {r.episodes} episodes, {r.queries} queries per class, {r.images} distinct images, "
+             f"chance {100 / r.ways:.1f}%" for (domain, _, shots), r in columns.items()]  # dict.fromkeys: once each
+    return ("\n".join(lines) + "\n\nAccuracy % ± 95% CI (1.96 std / sqrt(episodes)), macro-F1 in brackets. "
+            + "; ".join(dict.fromkeys(notes)) + ".\n")
 
 
-def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path) -> None:
-    """One panel per domain: accuracy against shots, a line per method, CI error bars, chance dashed."""
-    domains = list(dict.fromkeys(r.domain for r in results))
-    fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4), squeeze=False)
-    for ax, domain in zip(axes[0], domains):
-        mine = [r for r in results if r.domain == domain]
+def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path | None = None) -> plt.Figure:
+    """One panel per domain: accuracy against shots, a line per method, CI error bars, chance dashed.
+    Saved to ``path`` and closed when one is given, else returned open (for a notebook)."""
+    panels = list(dict.fromkeys((r.domain, r.conditioning) for r in results))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (domain, conditioning) in zip(axes[0], panels):
+        mine = [r for r in results if (r.domain, r.conditioning) == (domain, conditioning)]
         for method in dict.fromkeys(r.method for r in mine):
             rows = sorted((r for r in mine if r.method == method), key=lambda r: r.shots)
             ax.errorbar([r.shots for r in rows], [100 * r.acc for r in rows], yerr=[100 * r.acc_ci95 for r in rows],
                         marker="o", capsize=3, label=method)
         ax.axhline(100 / mine[0].ways, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_xticks(sorted({r.shots for r in mine}))
-        via = "" if mine[0].conditioning == domain else f" (via {mine[0].conditioning})"
+        via = "" if conditioning == domain else f" (via {conditioning})"
         ax.set_title(f"{domain}{via}, {mine[0].ways}-way")
         ax.set_xlabel("shots")
         ax.set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
 
 
-def write_results(results: Sequence[Result], out: str | Path, settings: dict, seconds: float) -> list[Path]:
-    """Write the four files of the module docstring into ``out``; returns their paths."""
+def write_results(results: Sequence[Result], out: str | Path, settings: dict, seconds: float, note: str = "") -> list[Path]:
+    """Write the four files of the module docstring into ``out`` (``note`` heads the markdown); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.as_dict() for r in results]
@@ -90,7 +89,7 @@ def write_results(results: Sequence[Result], out: str | Path, settings: dict, se
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.md").write_text(markdown_table(results))
+    (out / "results.md").write_text((note + "\n\n" if note else "") + markdown_table(results))
     plot_accuracy_vs_shots(results, out / "accuracy_vs_shots.png")
     return [out / name for name in FILES]
 

@@ -1,4 +1,6 @@
 """End to end through the real entry point: `python -m metacontrastive fit` on tiny shards."""
+import csv
+import json
 import math
 import subprocess
 import sys
@@ -6,27 +8,35 @@ import sys
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from metacontrastive.cli import main
+from metacontrastive.cli import evaluate_main, main
+from metacontrastive.reporting import FILES
 
 FAST = ["--data.ways=5", "--data.shots=2", "--data.queries=3", "--data.image_size=16",
         "--data.steps_per_epoch=3", "--data.val_episodes=2", "--data.tasks_per_batch=2"]
 
 
-@pytest.mark.slow
-def test_fit_writes_events_checkpoint_and_config(demo_root, tmp_path):
+@pytest.fixture(scope="module")
+def fitted(demo_root, tmp_path_factory):
+    """A short run of the default configuration through the real entry point: (run folder, its stdout)."""
+    logs = tmp_path_factory.mktemp("logs")
     cmd = [sys.executable, "-m", "metacontrastive", "fit", "-c", "conf/default.yaml",
            "--data.domains=[natural,medical]", f"--data.root={demo_root}", "--trainer.max_steps=7", "--trainer.log_every_n_steps=1",
-           f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.inner_lr=0.05", *FAST]
+           f"--trainer.logger.init_args.save_dir={logs}", "--model.inner_lr=0.05", *FAST]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return logs / "dcmcl" / "version_0", result.stdout
 
-    run = tmp_path / "dcmcl" / "version_0"
+
+@pytest.mark.slow
+def test_fit_writes_events_checkpoint_and_config(fitted):
+    run, _ = fitted
     events = EventAccumulator(str(run))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {"train/loss", "train/align", "train/query_loss/natural", "train/query_loss/medical",
-                "val/acc/natural", "val/acc/medical", "val/acc"}
+                "val/acc/natural", "val/acc/medical", "val/acc", "val/f1/natural", "val/f1_ci95/medical"}
     assert expected <= tags, expected - tags
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
     assert len(events.Scalars("val/acc")) == 3  # one per 3-step epoch, and one when max_steps ends mid-epoch
@@ -35,6 +45,67 @@ def test_fit_writes_events_checkpoint_and_config(demo_root, tmp_path):
     assert config["model"]["inner_lr"] == 0.05 and config["trainer"]["max_steps"] == 7
     hparams = yaml.safe_load((run / "hparams.yaml").read_text())
     assert hparams["domains"] == ["natural", "medical"]  # linked from data.domains
+
+
+@pytest.mark.slow
+def test_default_callbacks_write_their_tags(fitted):
+    run, _ = fitted
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for domain in ("natural", "medical"):
+        for method in ("zero_shot", "prototype", "pixels", "dcmcl"):
+            assert f"fewshot/{method}/acc/{domain}" in scalars
+        assert {f"align/alignment/{domain}", f"align/uniformity/{domain}"} <= scalars
+    assert {"align/mmd/natural-medical", "align/coral/natural-medical"} <= scalars
+    assert {"scaling/step_ms", "scaling/data_wait_frac", "scaling/samples_per_s", "scaling/samples_per_s_total",
+            "scaling/tasks_per_s", "scaling/peak_mem_gib", "scaling/world_size"} <= scalars
+    assert 0.0 <= events.Scalars("scaling/data_wait_frac")[-1].value <= 1.0
+    assert {"episode/support", "episode/query"} <= set(events.Tags()["images"])
+    plugins = {v.tag: v.metadata.plugin_data.plugin_name
+               for f in run.glob("events.out.tfevents.*") for ev in EventFileLoader(str(f)).Load() for v in ev.summary.value}
+    assert plugins.get("_hparams_/experiment") == "hparams"  # hyperparameters with the final metrics
+    assert "hp/val/acc" in scalars
+    assert (run / "projector_config.pbtxt").exists()  # the embedding projector, on the last validation epoch
+
+
+@pytest.mark.slow
+def test_fit_ends_with_a_summary_of_the_run(fitted):
+    run, stdout = fitted
+    assert f"run folder: {run}" in stdout
+    assert "best checkpoint: " in stdout and "final validation accuracy natural: " in stdout
+    assert "make eval CKPT=" in stdout and "make tensorboard" in stdout
+    assert "ms/step" in stdout and "waiting for data" in stdout  # the ScalingCallback's summary
+
+
+@pytest.mark.slow
+def test_evaluate_writes_the_table_files_beside_the_checkpoint(fitted):
+    run, _ = fitted
+    cmd = [sys.executable, "-m", "metacontrastive", "evaluate", "--ckpt", str(run / "checkpoints" / "last.ckpt"),
+           "--ways", "3", "--shots", "1,2", "--queries", "3", "--episodes", "4", "--holdout-domain", "medical"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in run.iterdir()} >= set(FILES)
+    data = json.loads((run / "results.json").read_text())
+    assert set(data) == {"settings", "seconds", "results"}
+    rows = data["results"]
+    assert len(rows) == 2 * 2 * 8  # domains x shots x methods
+    assert set(rows[0]) == {"domain", "conditioning", "method", "ways", "shots", "queries", "episodes", "images",
+                            "acc", "acc_ci95", "f1", "f1_ci95", "ms_per_episode"}
+    assert {(r["domain"], r["conditioning"]) for r in rows} == {("natural", "natural"), ("medical", "unknown")}
+    assert all(0.0 <= r["acc"] <= 1.0 and r["episodes"] == 4 for r in rows)
+    with open(run / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    table = (run / "results.md").read_text()
+    assert "| dcmcl |" in table and "medical 3-way 2-shot, via unknown" in table
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert "evaluate/natural/1shot/dcmcl/acc" in events.Tags()["scalars"]
+
+
+def test_evaluate_without_a_checkpoint_says_how_to_get_one(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at .*make train"):
+        evaluate_main(["--ckpt", str(tmp_path / "missing.ckpt")])
 
 
 def test_print_config_shows_linked_defaults(capsys):

@@ -114,6 +114,16 @@ def test_explicit_class_lists(tmp_path):
         write_domain(items[:8], "e", out, source="t")  # two classes cannot fill three splits
 
 
+def test_test_only_writes_an_evaluation_only_domain(tmp_path):
+    src, out = _folder(tmp_path / "src"), tmp_path / "shards"
+    main(["imagefolder", str(src), "--domain", "held", "--out", str(out), "--test-only"])
+    manifest = load_manifest(out, "held")
+    assert list(manifest["splits"]) == ["test"]
+    assert manifest["splits"]["test"]["classes"] == ["ant", "bee", "cat", "dog", "eel"]
+    with pytest.raises(SystemExit, match="leave out --train/--val/--test-classes"):
+        main(["imagefolder", str(src), "--domain", "h2", "--out", str(out), "--test-only", "--train-classes", "ant"])
+
+
 def test_rerun_refuses_without_overwrite(tmp_path):
     src, out = _folder(tmp_path / "src"), tmp_path / "shards"
     args = ["imagefolder", str(src), "--domain", "d", "--out", str(out)]

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from metacontrastive.losses import alignment, coral, mmd_rbf, uniformity
 
-__all__ = ["AlignmentCallback", "probe_embeddings"]
+__all__ = ["AlignmentCallback", "alignment_metrics", "probe_embeddings"]
 
 
 def probe_embeddings(pl_module: L.LightningModule, datamodule, probe_size: int, split: str = "val") -> dict:
@@ -46,6 +46,18 @@ def probe_embeddings(pl_module: L.LightningModule, datamodule, probe_size: int, 
     return out
 
 
+def alignment_metrics(probes: dict) -> dict[str, float]:
+    """The ``align/*`` metrics of the module docstring from ``probe_embeddings``' output."""
+    metrics = {}
+    for name, probe in probes.items():
+        metrics[f"align/alignment/{name}"] = float(alignment(probe["z"], probe["labels"]))
+        metrics[f"align/uniformity/{name}"] = float(uniformity(probe["z"]))
+    for a, b in itertools.combinations(probes, 2):
+        metrics[f"align/mmd/{a}-{b}"] = float(mmd_rbf(probes[a]["z"], probes[b]["z"]))
+        metrics[f"align/coral/{a}-{b}"] = float(coral(probes[a]["z"], probes[b]["z"]))
+    return metrics
+
+
 class AlignmentCallback(Callback):
     """Alignment diagnostics between and within domains (see the module docstring).
 
@@ -65,12 +77,7 @@ class AlignmentCallback(Callback):
         if trainer.sanity_checking or epoch % self.every_n_epochs or not trainer.is_global_zero:
             return
         probes = probe_embeddings(pl_module, trainer.datamodule, self.probe_size)
-        for name, probe in probes.items():
-            pl_module.log(f"align/alignment/{name}", alignment(probe["z"], probe["labels"]), rank_zero_only=True)
-            pl_module.log(f"align/uniformity/{name}", uniformity(probe["z"]), rank_zero_only=True)
-        for a, b in itertools.combinations(probes, 2):
-            pl_module.log(f"align/mmd/{a}-{b}", mmd_rbf(probes[a]["z"], probes[b]["z"]), rank_zero_only=True)
-            pl_module.log(f"align/coral/{a}-{b}", coral(probes[a]["z"], probes[b]["z"]), rank_zero_only=True)
+        pl_module.log_dict(alignment_metrics(probes), rank_zero_only=True)
         if self.projector_every_n_epochs and epoch % self.projector_every_n_epochs == 0:
             self._projector(trainer, probes)
 

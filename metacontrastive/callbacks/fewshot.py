@@ -1,8 +1,6 @@
 """FewShotEvalCallback: every N validation epochs, the evaluation protocol on a small fixed episode set."""
 from __future__ import annotations
 
-import dataclasses
-
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
@@ -39,12 +37,7 @@ class FewShotEvalCallback(Callback):
 
     def _episode_sets(self, datamodule) -> list[FixedEpisodes]:
         if self._sets is None:
-            shots = self.shots or [datamodule.hparams.shots]
-            self._sets = [
-                FixedEpisodes(datamodule.pool(split, "val"), dataclasses.replace(datamodule.eval_shape_of(split), shots=k),
-                              self.episodes, datamodule.hparams.eval_seed)
-                for split in datamodule.split("val") if split.labelled for k in shots
-            ]
+            self._sets = datamodule.episode_sets("val", self.shots, self.episodes, labelled_only=True)
         return self._sets
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

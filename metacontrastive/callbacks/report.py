@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
 __all__ = ["RunReport"]
@@ -41,8 +40,10 @@ class RunReport(Callback):
                                         trainer.global_step)
         logger.experiment.add_text("episode/classes", f"{task.domain}: " + " | ".join(task.texts[:20]), trainer.global_step)
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank takes part
+        if not trainer.is_global_zero:
+            return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         logger = _tensorboard(trainer)
         if logger is not None and metrics:
@@ -50,7 +51,7 @@ class RunReport(Callback):
         checkpoint = trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") or ""
         last = Path(checkpoint.dirpath) / "last.ckpt" if checkpoint is not None and checkpoint.dirpath else None
-        lines = [f"run folder: {trainer.log_dir}"]
+        lines = [f"run folder: {log_dir}"]
         if best:
             lines.append(f"best checkpoint: {best} ({checkpoint.monitor} = {float(checkpoint.best_model_score):.4f})")
         for key in sorted(k for k in metrics if k.startswith("val/acc/")):

@@ -230,15 +230,27 @@ class EpisodicDataModule(L.LightningDataModule):
             self._pools[key] = EvaluationPool(split, hp.image_size, hp.eval_pool, hp.strict_decode)
         return self._pools[key]
 
+    def episode_sets(self, name: str, shots: list[int] | None = None, count: int | None = None,
+                     labelled_only: bool = False) -> list[FixedEpisodes]:
+        """Fixed episodes of every domain of the ``val`` or ``test`` split, one set per domain and shots.
+
+        Args:
+            name: ``val`` or ``test``.
+            shots: support sizes (default: ``shots``), each its own seeded set.
+            count: episodes per set (default: ``val_episodes`` or ``test_episodes``).
+            labelled_only: leave out caption-only domains (few-shot classification needs labels).
+        """
+        hp = self.hparams
+        count = count if count is not None else (hp.val_episodes if name == "val" else hp.test_episodes)
+        return [FixedEpisodes(self.pool(split, name), dataclasses.replace(self.eval_shape_of(split), shots=k), count,
+                              hp.eval_seed)
+                for split in self.split(name) if split.labelled or not labelled_only
+                for k in (shots or [self.eval_shape.shots])]
+
     def fixed_episodes(self, name: str) -> Interleaved:
         """The fixed episodes of the ``val`` or ``test`` split, every domain's interleaved, built once."""
         if name not in self._fixed_sets:
-            hp = self.hparams
-            count = hp.val_episodes if name == "val" else hp.test_episodes
-            self._fixed_sets[name] = Interleaved([
-                FixedEpisodes(self.pool(split, name), self.eval_shape_of(split), count, hp.eval_seed)
-                for split in self.split(name)
-            ])
+            self._fixed_sets[name] = Interleaved(self.episode_sets(name))
         return self._fixed_sets[name]
 
     def _fixed_loader(self, name: str) -> DataLoader:

@@ -58,6 +58,8 @@ def _common() -> argparse.ArgumentParser:
     for split in ("train", "val", "test"):
         p.add_argument(f"--{split}-classes", type=_names, default=None, metavar="A,B,...",
                        help=f"explicit {split} classes (overrides --class-split; unlisted classes are left out)")
+    p.add_argument("--test-only", action="store_true",
+                   help="every class to the test split: an evaluation-only domain (e.g. one held out from training)")
     p.add_argument("--image-split", type=_fractions, default=(0.8, 0.1, 0.1),
                    help="train,val,test image fractions of caption-only data (default: 0.8,0.1,0.1)")
     p.add_argument("--template", action="append", default=None,
@@ -122,6 +124,12 @@ def _convert(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     items, source = _read(args)
     lists = {s: getattr(args, f"{s}_classes") for s in ("train", "val", "test")}
+    if args.test_only:
+        if any(lists.values()):
+            raise ValueError("--test-only puts every class in the test split; leave out --train/--val/--test-classes")
+        if any(item.label is None for item in items):
+            raise ValueError("--test-only splits classes; caption-only data has none (use --image-split)")
+        lists = {"test": sorted({item.label for item in items})}
     summary = conv.write_domain(
         items, args.domain, args.out, source=source, templates=args.template, class_fractions=args.class_split,
         class_lists={s: names for s, names in lists.items() if names} if any(lists.values()) else None,

@@ -1,0 +1,175 @@
+"""The few-shot protocol: each method on hand-made episodes whose answer is known, the linear probe against
+scikit-learn, identical episodes for every method, the CI formula, held-out domains and the copies that
+evaluation trains."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+
+from metacontrastive import evaluation
+from metacontrastive.data.datamodule import EpisodicDataModule
+from metacontrastive.data.episodes import Task
+from metacontrastive.evaluation import METHODS, Episode, EvalOptions, evaluate, logistic_regression, predict
+from metacontrastive.meta import TaskView, adapt_and_score
+from metacontrastive.module import MetaContrastiveModule
+
+SMALL = dict(ways=3, shots=2, queries=3, image_size=16, test_episodes=6, val_episodes=2, tasks_per_batch=2)
+
+
+def _task(ways=4, shots=3, queries=5, size=8, noise=0.02, seed=0, domain="natural"):
+    """Each class a random pattern of its own plus a little noise per image."""
+    g = torch.Generator().manual_seed(seed)
+    support_labels, query_labels = torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat_interleave(queries)
+    patterns = torch.rand(ways, 3, size, size, generator=g)  # (N, 3, H, W)
+
+    def images(labels):
+        return (patterns[labels] + noise * torch.randn(len(labels), 3, size, size, generator=g)).clamp(0, 1)
+
+    return Task(domain, 0, [f"a photo of class {c}" for c in range(ways)], images(support_labels), support_labels,
+                images(query_labels), query_labels, [f"class {c}" for c in range(ways)])
+
+
+def _separated(ways=4, shots=3, queries=5, dim=16, seed=0):
+    """An episode whose embeddings are tight clusters around orthogonal class directions, with each class
+    prompt on its class direction: every method that reads them must be exact."""
+    task = _task(ways, shots, queries, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(dim)[:ways]  # (N, D)
+    labels = torch.cat([task.support_labels, task.query_labels])
+    z_image = F.normalize(centres[labels] + 0.1 * torch.randn(len(labels), dim, generator=g), dim=-1)
+    return Episode(task, h_image=z_image, h_text=centres, z_image=z_image, z_text=centres, scale=10.0)
+
+
+def _accuracy(method, episodes, opts=EvalOptions()):
+    predictions = predict(method, episodes, opts)
+    targets = torch.stack([ep.task.query_labels for ep in episodes])
+    return (predictions == targets).float().mean().item()
+
+
+@pytest.mark.parametrize("method", ["pixels", "zero_shot", "prototype", "linear_probe", "tip_adapter", "projection"])
+def test_methods_are_exact_on_well_separated_clusters(method):
+    assert _accuracy(method, [_separated(seed=0), _separated(seed=1)]) == 1.0
+
+
+def test_zero_shot_reads_the_prompts_and_prototype_does_not():
+    episode = _separated()
+    episode.z_text = episode.z_text.roll(1, dims=0)  # every prompt now sits on the next class's cluster
+    assert _accuracy("zero_shot", [episode]) == 0.0
+    assert _accuracy("prototype", [episode]) == 1.0
+
+
+def test_linear_probe_matches_scikit_learn():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(4).repeat_interleave(10)
+    x += 0.8 * F.one_hot(y, 6)[:, :6].double()  # overlapping classes: the regulariser matters
+    logits = logistic_regression(x, y, 4, c=1.0, iters=200)(x)
+    reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit(x.numpy(), y.numpy())
+    assert torch.allclose(logits.softmax(dim=1), torch.from_numpy(reference.predict_proba(x.numpy())), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    return MetaContrastiveModule(domains=["natural", "medical"], embed_dim=32, hidden_dim=64, inner_lr=0.5).eval()
+
+
+def test_finetune_trains_a_copy_per_episode_as_if_each_were_alone(module):
+    episodes = [Episode.of(module, _task(seed=s), 0) for s in range(3)]
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    opts = EvalOptions(finetune_steps=30, finetune_lr=1e-2)
+    together = predict("finetune", episodes, opts)
+    alone = torch.cat([predict("finetune", [ep], opts) for ep in episodes])
+    assert torch.equal(together, alone)
+    assert (together == torch.stack([ep.task.query_labels for ep in episodes])).float().mean() == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())  # the model itself is untouched
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_projection_trains_fresh_heads_per_episode_as_if_each_were_alone():
+    episodes = [_separated(seed=s) for s in range(3)]
+    assert torch.equal(predict("projection", episodes), torch.cat([predict("projection", [ep]) for ep in episodes]))
+
+
+def test_dcmcl_is_the_meta_step_adaptation_and_zero_steps_is_zero_shot(module):
+    episode = Episode.of(module, _task(), 0)
+    expected = adapt_and_score(module.learner, TaskView(module.model, episode.task, 0), module.eval_steps).predictions()
+    assert torch.equal(predict("dcmcl", [episode])[0], expected)
+    assert torch.equal(predict("dcmcl", [episode], EvalOptions(inner_steps=0)), predict("zero_shot", [episode]))
+
+
+@pytest.fixture(scope="module")
+def episode_sets(demo_root):
+    dm = EpisodicDataModule(root=str(demo_root), **SMALL)
+    return dm.episode_sets("test", [1, 2])
+
+
+def _fingerprint(task):
+    return hash(torch.cat([task.support_images, task.query_images]).numpy().tobytes())
+
+
+def test_every_method_sees_the_same_episodes_in_the_same_order(module, episode_sets, monkeypatch):
+    seen = {"a": [], "b": []}
+    for name in seen:
+        def spy(episodes, opts, name=name):
+            seen[name] += [_fingerprint(ep.task) for ep in episodes]
+            return torch.stack([ep.task.query_labels for ep in episodes])
+        monkeypatch.setitem(METHODS, name, spy)
+    evaluate(module, episode_sets, ["a", "b"], chunk=4, progress=False)
+    first = list(seen["a"])
+    seen["a"].clear()
+    evaluate(module, episode_sets, ["a"], chunk=5, progress=False)  # another call, another chunking: same episodes
+    assert seen["b"] == first == seen["a"] and len(first) == sum(len(s) for s in episode_sets)
+
+
+def test_results_hold_the_mean_and_the_95_ci_of_per_episode_scores(module, episode_sets):
+    (result,) = evaluate(module, episode_sets[:1], ["prototype"], progress=False)
+    episodes = episode_sets[0]
+    accuracies = torch.tensor([_accuracy("prototype", [Episode.of(module, task, 0)]) for task in episodes])
+    assert math.isclose(result.acc, accuracies.mean().item(), abs_tol=1e-6)
+    assert math.isclose(result.acc_ci95, 1.96 * accuracies.std().item() / math.sqrt(len(episodes)), abs_tol=1e-6)
+    assert (result.ways, result.shots, result.queries, result.episodes) == (3, 1, 3, 6)
+    assert result.images == episodes.distinct_images() > 0
+
+
+def test_a_held_out_domain_is_conditioned_on_the_unknown_row(module, demo_root, monkeypatch):
+    rows = []
+    monkeypatch.setitem(METHODS, "spy", lambda eps, opts: rows.append({ep.row for ep in eps}) or predict("zero_shot", eps))
+    dm = EpisodicDataModule(root=str(demo_root), **SMALL)
+    sets = dm.episode_sets("test")
+    own = evaluate(module, sets, ["spy"], progress=False)
+    held = evaluate(module, sets, ["spy"], holdout=["medical"], progress=False)
+    unknown = module.model.unknown_domain
+    assert [r.conditioning for r in own] == ["natural", "medical"] and [r.conditioning for r in held] == ["natural", "unknown"]
+    assert rows[-1] == {unknown} and rows[1] == {1} and unknown == 2
+
+
+def test_a_domain_the_model_was_not_trained_on_goes_through_unknown(demo_root):
+    natural_only = MetaContrastiveModule(domains=["natural"]).eval()
+    dm = EpisodicDataModule(domains=["natural"], test_domains=["natural", "medical"], root=str(demo_root), **SMALL)
+    results = evaluate(natural_only, dm.episode_sets("test"), ["zero_shot"], progress=False)
+    assert natural_only.domain_row("medical") == natural_only.model.unknown_domain == 1
+    assert [(r.domain, r.conditioning) for r in results] == [("natural", "natural"), ("medical", "unknown")]
+
+
+def test_unknown_methods_and_caption_tasks_are_clear_errors(module):
+    with pytest.raises(ValueError, match="unknown evaluation method 'knn'"):
+        predict("knn", [_separated()])
+    caption = _task()
+    caption.classes = []
+    with pytest.raises(ValueError, match="needs labelled episodes"):
+        Episode.of(module, caption, 0)
+
+
+def test_evaluation_restores_the_training_mode_and_keeps_no_graph(module, episode_sets):
+    module.train()
+    results = evaluate(module, episode_sets[:1], list(METHODS), progress=False)
+    assert module.training and len(results) == len(METHODS)
+    assert all(p.grad is None for p in module.parameters())
+    module.eval()
+
+
+def test_evaluation_module_lists_what_it_exports():
+    assert set(evaluation.__all__) >= {"METHODS", "Episode", "EvalOptions", "Result", "evaluate", "predict"}
