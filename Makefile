@@ -25,10 +25,17 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
-	# learn2learn 0.2.0 ships no wheels and its C files predate Python 3.11: regenerate them with Cython.
-	$(PIP) install cython wheel setuptools numpy gym qpth scipy requests tqdm
-	$(PIP) install --no-build-isolation --config-settings=--build-option=build_ext learn2learn==0.2.0
-	$(PIP) install -e '.[dev,text]'
+	# learn2learn 0.2.0 ships no wheels and its C files predate Python 3.11: regenerate them with Cython. Its declared
+	# requirements (gsutil, qpth, cvxpy, and a numpy<2 pin through them) are not needed by its import, which needs gym,
+	# scipy, requests and tqdm: install it without them, and this package's requirements from pyproject.toml apart,
+	# then the package itself without resolving learn2learn's requirements again.
+	$(PIP) install cython wheel setuptools gym scipy requests tqdm
+	$(PIP) install --no-deps --no-build-isolation --config-settings=--build-option=build_ext learn2learn==0.2.0
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  print('\n'.join(r for r in p['dependencies'] + p['optional-dependencies']['dev'] + p['optional-dependencies']['text'] \
+	  if not r.startswith('learn2learn')))" > $(VENV)/requirements.txt
+	$(PIP) install -r $(VENV)/requirements.txt
+	$(PIP) install --no-deps -e .
 	touch $(STAMP)
 
 data: install ## Write the synthetic demo shards for DOMAINS into SHARDS (data/shards)
