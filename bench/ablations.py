@@ -90,8 +90,8 @@ def main() -> None:
             results = evaluate(cli.model, sets, extra + methods, progress=False)  # the last weights, as last.ckpt
             rows += [dataclasses.replace(r, method=r.method if r.method == "pixels" else f"{preset}/{r.method}")
                      for r in results]
-            timings.append({"seed": seed, "preset": preset, "fit_s": fit_s,
-                            "val": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/acc")}})
+            val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/acc")}
+            timings.append({"seed": seed, "preset": preset, "fit_s": fit_s, "val": val})
             print(f"seed {seed} {preset}: trained {args.steps} steps in {fit_s:.0f}s")
     table = over_seeds(rows)
     seeds_note = (f"mean over seeds {args.seeds} ± 1.96 std / sqrt(seeds) across seeds" if "," in args.seeds

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from metacontrastive.cli import MetaCLI
 from metacontrastive.data.datamodule import EpisodicDataModule
-from metacontrastive.data.shards import available_domains
+from metacontrastive.data.manifest import available_domains
 from metacontrastive.data.synthetic import write_synthetic
 from metacontrastive.module import MetaContrastiveModule
 

@@ -17,6 +17,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from metacontrastive.data.datamodule import EpisodicDataModule
+from metacontrastive.data.manifest import ROOT
 from metacontrastive.evaluation import METHODS, EvalOptions, evaluate
 from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import log_to_tensorboard, markdown_table, write_results
@@ -108,7 +109,7 @@ def evaluate_main(argv: list[str] | None = None) -> list:
     domains = list(dict.fromkeys((args.domains or data.get("test_domains") or module.domains) + args.holdout_domain))
     shots, queries = args.shots, args.queries
     datamodule = EpisodicDataModule(
-        domains=module.domains, root=args.root or data.get("root", "data/shards"), urls=data.get("urls"),
+        domains=module.domains, root=args.root or data.get("root", ROOT), urls=data.get("urls"),
         test_domains=domains, ways=args.ways, shots=max(shots), queries=queries,
         image_size=data.get("image_size", 32), reservoir=max(shots) + queries, eval_pool=data.get("eval_pool"),
         eval_seed=args.seed if args.seed is not None else data.get("eval_seed", 0),

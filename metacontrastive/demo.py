@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 
 from metacontrastive.data.datamodule import EpisodicDataModule
-from metacontrastive.data.shards import available_domains
+from metacontrastive.data.manifest import available_domains
 from metacontrastive.data.synthetic import write_synthetic
 from metacontrastive.module import MetaContrastiveModule
 

@@ -11,13 +11,14 @@ close positives sit, and how evenly the embeddings spread over the sphere.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "ALIGNMENTS",
+    "Alignment",
     "alignment",
     "alignment_loss",
     "contrastive_loss",
@@ -115,6 +116,7 @@ ALIGNMENTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "coral": coral,
     "mean": mean_distance,
 }
+Alignment = Literal[tuple(ALIGNMENTS)]  # the allowed values, for LightningCLI, written once above
 
 
 def alignment_loss(embeddings: torch.Tensor, domain_ids: torch.Tensor, kind: str = "mmd") -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -27,7 +27,8 @@ from metacontrastive.models.clip import DomainConditionedCLIP
 with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints a notice on import
     from learn2learn.algorithms import MAML, MetaSGD
 
-__all__ = ["ADAPT_SCOPES", "Adapted", "Rows", "TaskView", "adapt", "adapt_and_score", "build_learner"]
+__all__ = ["ADAPT_SCOPES", "ALGORITHMS", "AdaptScope", "Adapted", "Algorithm", "Rows", "TaskView", "adapt",
+           "adapt_and_score", "build_learner"]
 
 ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "film": ("film_image", "film_text"),
@@ -35,6 +36,9 @@ ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "film+heads": ("film_image", "film_text", "head_image", "head_text"),
     "all": ("image_tower", "text_tower", "domain", "film_image", "film_text", "head_image", "head_text"),
 }
+ALGORITHMS = {"maml": MAML, "metasgd": MetaSGD}
+AdaptScope = Literal[tuple(ADAPT_SCOPES)]  # the allowed values, for LightningCLI, written once above
+Algorithm = Literal[tuple(ALGORITHMS)]
 
 Parts = Mapping[str, nn.Module]  # adapted replacements for parts of the model, by attribute name
 
@@ -54,15 +58,15 @@ def build_learner(model: nn.Module, scope: str, algorithm: str, inner_lr: float,
     parts = nn.ModuleDict({name: getattr(model, name) for name in ADAPT_SCOPES[scope] if getattr(model, name) is not None})
     if not any(p.requires_grad for p in parts.parameters()):
         raise ValueError(f"adapt_scope {scope!r} holds no trainable parameter (is conditioning off or the part frozen?)")
-    # allow_nograd: frozen parts inside the scope (a frozen tower under `all`) are carried, not adapted
-    if algorithm == "maml":
-        return MAML(parts, lr=inner_lr, first_order=first_order, allow_nograd=True)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
     if algorithm == "metasgd":
         if not all(p.requires_grad for p in parts.parameters()):
             raise ValueError(f"metasgd adapts every parameter of its scope, but {scope!r} holds frozen ones; "
                              "use algorithm=maml or a scope without the frozen towers")
         return MetaSGD(parts, lr=inner_lr, first_order=first_order)
-    raise ValueError(f"unknown algorithm {algorithm!r}; choose 'maml' or 'metasgd'")
+    # allow_nograd: frozen parts inside the scope (a frozen tower under `all`) are carried, not adapted
+    return MAML(parts, lr=inner_lr, first_order=first_order, allow_nograd=True)
 
 
 def adapt(

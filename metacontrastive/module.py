@@ -14,6 +14,7 @@ initialisation, then nearest class prompt for each query.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -24,10 +25,10 @@ import torch
 from torch import nn
 
 from metacontrastive.data.episodes import Task
-from metacontrastive.losses import alignment_loss
-from metacontrastive.meta import ADAPT_SCOPES, TaskView, adapt_and_score, build_learner
+from metacontrastive.losses import Alignment, alignment_loss
+from metacontrastive.meta import ADAPT_SCOPES, AdaptScope, Algorithm, TaskView, adapt_and_score, build_learner
 from metacontrastive.metrics import EpisodeMean, episode_scores
-from metacontrastive.models.clip import DomainConditionedCLIP
+from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
 
 __all__ = ["MetaContrastiveModule", "TaskResult"]
 
@@ -56,29 +57,18 @@ class MetaContrastiveModule(L.LightningModule):
     """Domain-Conditioned Meta-Contrastive Learning around a ``DomainConditionedCLIP``.
 
     Args:
-        domains: domain names in id order (linked from the data module by the CLI).
-        image_tower: image tower name for the tower factory: ``tiny``, ``timm:<model>`` or
-            ``hf-clip:<folder>`` (see ``metacontrastive.models.towers``).
-        text_tower: text tower name for the tower factory: ``tiny``, ``minilm``, ``hf:<folder>`` or
-            ``hf-clip:<folder>`` (``hf-clip`` alone: the image tower's folder, loaded once for both).
-        image_pretrained: a local weight file for a ``timm:`` image tower (None: random init).
-        tower_image_size: side the image tower resizes images to (None: the backbone's own input size;
-            ``data.image_size`` is the side images are decoded at).
-        freeze_image: freeze the image tower: no gradients, eval mode (always on for ``projection``).
-        freeze_text: freeze the text tower: no gradients, eval mode (always on for ``projection``).
-        embed_dim: shared embedding size.
-        hidden_dim: projection head hidden width.
-        domain_dim: domain embedding size.
-        condition_image: FiLM on image features.
-        condition_text: FiLM on text features.
-        method: ``dcmcl``, ``contrastive`` or ``projection`` (see the module docstring).
+        domains: the training domains in id order (linked from the data module by the CLI); any other
+            domain is conditioned on the ``unknown`` row.
+        encoder: towers, domain conditioning, heads and temperature (``--model.encoder.<field>``).
+        method: ``dcmcl``, ``contrastive`` or ``projection`` (see the module docstring); ``projection``
+            freezes both towers.
         algorithm: ``maml`` or ``metasgd``.
         adapt_scope: parts adapted in the inner loop, a key of ``ADAPT_SCOPES``.
         inner_steps: inner-loop steps k in training.
         eval_inner_steps: inner-loop steps at validation and test (default: ``inner_steps``).
         inner_lr: inner-loop learning rate alpha.
         first_order: first-order MAML.
-        align: alignment regulariser ``mmd``, ``coral`` or ``mean``.
+        align: alignment regulariser, a key of ``metacontrastive.losses.ALIGNMENTS``.
         align_weight: lambda; 0 turns alignment off.
         align_on: align ``adapted`` or ``base`` (un-adapted) query image embeddings.
         domain_dropout: probability of replacing a training task's domain by ``unknown``.
@@ -94,25 +84,15 @@ class MetaContrastiveModule(L.LightningModule):
     def __init__(
         self,
         domains: list[str] = ["natural", "medical"],  # noqa: B006 - read-only default, shown by the CLI
-        image_tower: str = "tiny",
-        text_tower: str = "tiny",
-        image_pretrained: str | None = None,
-        tower_image_size: int | None = None,
-        freeze_image: bool = False,
-        freeze_text: bool = False,
-        embed_dim: int = 128,
-        hidden_dim: int = 256,
-        domain_dim: int = 32,
-        condition_image: bool = True,
-        condition_text: bool = True,
+        encoder: EncoderConfig = EncoderConfig(),  # noqa: B008 - frozen dataclass, shown by the CLI
         method: Literal["dcmcl", "contrastive", "projection"] = "dcmcl",
-        algorithm: Literal["maml", "metasgd"] = "maml",
-        adapt_scope: Literal["film", "heads", "film+heads", "all"] = "film+heads",
+        algorithm: Algorithm = "maml",
+        adapt_scope: AdaptScope = "film+heads",
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         inner_lr: float = 0.1,
         first_order: bool = False,
-        align: Literal["mmd", "coral", "mean"] = "mmd",
+        align: Alignment = "mmd",
         align_weight: float = 0.1,
         align_on: Literal["adapted", "base"] = "adapted",
         domain_dropout: float = 0.1,
@@ -124,18 +104,21 @@ class MetaContrastiveModule(L.LightningModule):
         warmup_steps: int = 20,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(encoder, dict):  # as stored in a checkpoint's hyperparameters
+            encoder = EncoderConfig(**encoder)
+        self.save_hyperparameters(ignore=["encoder"])
+        self.hparams["encoder"] = dataclasses.asdict(encoder)  # plain values: YAML and safe checkpoint loading
         self.domains = list(domains)
-        frozen = method == "projection"  # the second seed paper: frozen towers, trained heads
-        self.model = DomainConditionedCLIP(
-            len(domains), image_tower, text_tower, image_pretrained=image_pretrained,
-            tower_image_size=tower_image_size, freeze_image=freeze_image or frozen, freeze_text=freeze_text or frozen,
-            embed_dim=embed_dim, hidden_dim=hidden_dim, domain_dim=domain_dim,
-            condition_image=condition_image, condition_text=condition_text,
-        )
-        self.learner = build_learner(self.model, adapt_scope, algorithm, inner_lr, first_order)
+        if method == "projection":  # the second seed paper: frozen towers, trained heads
+            encoder = dataclasses.replace(encoder, freeze_image=True, freeze_text=True)
+        self.model = DomainConditionedCLIP(len(domains), encoder)
+        learner = build_learner(self.model, adapt_scope, algorithm, inner_lr, first_order)
+        # The learner wraps the model's own FiLM and heads: kept off the module tree (nn.Module would register
+        # it) so that every tensor is stored once. MetaSGD's per-parameter rates are its only own weights.
+        self.__dict__["learner"] = learner
+        self.inner_lrs = learner.lrs if algorithm == "metasgd" else None
         if method != "dcmcl" and algorithm == "metasgd":  # no inner loop in training: the rates cannot learn
-            self.learner.lrs.requires_grad_(False)
+            self.inner_lrs.requires_grad_(False)
         self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]
         self._rows = {name: i for i, name in enumerate(self.domains)}
         self.episode_scores = self._score_metrics({"val": self.domains, "test": self.domains})
@@ -269,10 +252,10 @@ class MetaContrastiveModule(L.LightningModule):
         hp = self.hparams
         lrs = {"towers": hp.tower_lr, "fast": hp.lr, "domain": hp.domain_lr, "metasgd": hp.metasgd_lr}
         buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():  # deduplicated: the learner's parts appear under model.*
+        for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.startswith("learner.lrs"):
+            if name.startswith("inner_lrs"):
                 group = "metasgd"
             elif name.startswith(("model.image_tower", "model.text_tower")):
                 group = "towers"

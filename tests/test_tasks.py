@@ -1,6 +1,10 @@
-"""Fixed evaluation episodes: drawn from the whole split, seeded per domain, and the data module's
-evaluation-only domains, validation subsets and capped ways."""
+"""Task streams: domain schedules, bounded-memory training streams, and fixed evaluation episodes drawn
+from the whole split, seeded per domain; the data module's evaluation-only domains, validation subsets and
+capped ways."""
+import gc
 import logging
+import random
+from collections import Counter
 
 import lightning as L
 import numpy as np
@@ -8,7 +12,11 @@ import pytest
 from PIL import Image
 
 from metacontrastive.data.datamodule import EpisodicDataModule
-from metacontrastive.data.shards import DomainWriter
+from metacontrastive.data.episodes import EpisodeShape
+from metacontrastive.data.manifest import domain_split, read_manifest
+from metacontrastive.data.shards import DomainWriter, Record
+from metacontrastive.data.synthetic import write_synthetic
+from metacontrastive.data.tasks import DomainTaskStream, StreamOptions, domain_schedule
 from metacontrastive.module import MetaContrastiveModule
 
 
@@ -24,6 +32,55 @@ def _write(root, domain, splits, per_class=12, size=8):
                     image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
                     writer.write(split, f"{domain}-{split}-{c}-{j}", image, f"a photo of a {names[label]}", label)
     return root
+
+
+def test_round_robin_cycles_domains_across_batches():
+    rng = random.Random(0)
+    assert domain_schedule("round_robin", [1, 1, 1], 4, rng, 0) == [0, 1, 2, 0]
+    assert domain_schedule("round_robin", [1, 1, 1], 4, rng, 1) == [1, 2, 0, 1]
+
+
+@pytest.mark.parametrize("mode", ["uniform", "proportional", "round_robin"])
+def test_every_meta_batch_mixes_domains(mode):
+    rng = random.Random(0)
+    weights = [1.0, 99.0] if mode == "proportional" else [1.0, 1.0]  # skewed: one domain would often fill a batch
+    assert all(len(set(domain_schedule(mode, weights, 2, rng, b))) == 2 for b in range(500))
+
+
+def test_proportional_sampling_follows_the_weights():
+    rng = random.Random(0)
+    counts = Counter(d for b in range(2000) for d in domain_schedule("proportional", [1.0, 3.0, 6.0], 8, rng, b))
+    shares = [counts[d] / 16000 for d in range(3)]
+    assert shares == pytest.approx([0.1, 0.3, 0.6], abs=0.02)
+
+
+def test_domain_schedule_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="round_robin"):
+        domain_schedule("random", [1.0, 1.0], 2, random.Random(0), 0)
+
+
+def test_domain_ten_times_larger_than_the_buffers_streams_with_bounded_memory(tmp_path):
+    write_synthetic("medical", tmp_path, per_class=60, size=8)  # 15 train classes, 900 train records
+    shape = EpisodeShape(ways=3, shots=2, queries=2, support_size=6, query_size=6)
+    split = domain_split("medical", 0, "train", read_manifest("medical", tmp_path), str(tmp_path), None,
+                         shape.ways, shape.per_class, shape.caption_size)
+    shuffle_buffer, reservoir = 16, 4
+    bound = shuffle_buffer + reservoir * len(split.usable)  # 16 + 4 * 15 = 76 records
+    assert split.num_samples >= 10 * bound
+    stream = DomainTaskStream(split, shape, StreamOptions(8, shuffle_buffer, reservoir, strict=False), seed=0)
+    assert stream.max_buffered == bound
+    peak, tasks = 0, 0
+    while stream.records.read < 2 * split.num_samples:  # two full passes over the domain
+        next(stream)
+        tasks += 1
+        peak = max(peak, stream.buffered())
+        if tasks % 40 == 0:  # nothing else holds decoded records: count the live ones
+            live = sum(type(o) is Record for o in gc.get_objects())
+            assert live <= reservoir * len(split.usable) + 1
+    assert peak <= bound
+    assert stream.records.read >= 20 * bound
+    print(f"bounded memory: peak {peak} buffered records (bound {bound}) while {stream.records.read} records "
+          f"streamed into {tasks} tasks")
 
 
 SMALL = dict(ways=3, shots=1, queries=2, image_size=8, tasks_per_batch=2, val_episodes=4, test_episodes=4)

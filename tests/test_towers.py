@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from metacontrastive.models import towers
-from metacontrastive.models.clip import DomainConditionedCLIP
+from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
 from metacontrastive.models.towers import build_image_tower, build_text_tower, build_towers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -58,7 +58,7 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ shapes and gradients
 @pytest.mark.parametrize("size", [16, 32])
 def test_tiny_towers_shapes_and_finite(size):
-    image, text = build_towers()
+    image, text = build_towers("tiny", "tiny", None, None, False, False)
     h_image = image(torch.rand(4, 3, size, size))
     h_text = text(TEXTS)
     assert h_image.shape == (4, image.out_dim) and h_text.shape == (3, text.out_dim)
@@ -106,7 +106,7 @@ def test_hf_clip_towers_load_once_with_the_right_shapes(clip_dir, monkeypatch):
     loads = []
     load_clip = towers.factory.load_clip
     monkeypatch.setattr(towers.factory, "load_clip", lambda path: loads.append(path) or load_clip(path))
-    image, text = build_towers(f"hf-clip:{clip_dir}", "hf-clip")  # the text tower takes the image tower's folder
+    image, text = build_towers(f"hf-clip:{clip_dir}", "hf-clip", None, None, False, False)  # the text tower takes the image tower's folder
     assert len(loads) == 1
     assert image.out_dim == text.out_dim == 16
     h_image, h_text = image(torch.rand(2, 3, 24, 24)), text(TEXTS)  # 24 px resized to the model's 32
@@ -126,7 +126,7 @@ def test_hf_clip_image_tower_runs_at_another_size(clip_dir):
 def test_clip_preset_without_a_folder_names_the_option(tmp_path):
     from metacontrastive.cli import main
 
-    with pytest.raises(ValueError, match=r"needs a folder.*--model.image_tower=hf-clip:"):
+    with pytest.raises(ValueError, match=r"needs a folder.*--model.encoder.image_tower=hf-clip:"):
         main(["fit", "-c", str(CONF / "default.yaml"), "-c", str(CONF / "clip_vit_b32.yaml"), f"--data.root={tmp_path}",
               f"--trainer.logger.init_args.save_dir={tmp_path}"])
 
@@ -136,7 +136,7 @@ def test_clip_preset_trains_with_the_folder_named_once(clip_dir, demo_root, tmp_
     from metacontrastive.cli import main
 
     cli = main(["fit", "-c", str(CONF / "default.yaml"), "-c", str(CONF / "clip_vit_b32.yaml"),
-                f"--model.image_tower=hf-clip:{clip_dir}", f"--data.root={demo_root}", "--data.image_size=16",
+                f"--model.encoder.image_tower=hf-clip:{clip_dir}", f"--data.root={demo_root}", "--data.image_size=16",
                 "--data.ways=2", "--data.shots=1", "--data.queries=1", "--data.tasks_per_batch=2",
                 "--data.steps_per_epoch=1", "--data.val_episodes=1", "--trainer.max_steps=1",
                 "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"])
@@ -146,9 +146,9 @@ def test_clip_preset_trains_with_the_folder_named_once(clip_dir, demo_root, tmp_
 
 
 def test_hf_clip_without_a_folder_names_the_option():
-    with pytest.raises(ValueError, match=r"needs a folder.*--model.image_tower=hf-clip:"):
-        build_towers("hf-clip", "hf-clip")
-    with pytest.raises(ValueError, match=r"--model.text_tower=hf-clip:"):
+    with pytest.raises(ValueError, match=r"needs a folder.*--model.encoder.image_tower=hf-clip:"):
+        build_towers("hf-clip", "hf-clip", None, None, False, False)
+    with pytest.raises(ValueError, match=r"--model.encoder.text_tower=hf-clip:"):
         build_text_tower("hf-clip")
 
 
@@ -170,7 +170,7 @@ def test_minilm_loads_offline_and_embeds_by_meaning(monkeypatch):
 # ------------------------------------------------------------------ freezing
 def test_frozen_tower_gets_no_gradient_stays_in_eval_and_keeps_its_weights():
     torch.manual_seed(0)
-    model = DomainConditionedCLIP(num_domains=2, image_tower="timm:resnet18", tower_image_size=32, freeze_image=True)
+    model = DomainConditionedCLIP(2, EncoderConfig(image_tower="timm:resnet18", image_size=32, freeze_image=True))
     model.train()
     assert not model.image_tower.training and not model.image_tower.model.layer1[0].bn1.training
     assert model.text_tower.training

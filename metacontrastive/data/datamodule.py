@@ -1,89 +1,33 @@
-"""EpisodicDataModule: streams each domain's shards and yields meta-batches of tasks that mix domains.
+"""EpisodicDataModule: the wiring from configuration to loaders of meta-batches that mix domains.
 
-Training streams are infinite and resampled: each (rank, worker) pair seeds its own shard order,
-shuffle buffer and episode draws from ``(seed, rank, worker, epoch at start)``, so episodes are
-reproducible for a seed (with the same number of ranks and workers) and differ across ranks and
-workers; a worker keeps its streams (and their filled reservoirs) from one epoch to the next.
-Validation and test use a fixed set of episodes per domain (``metacontrastive.data.tasks``), drawn from
-the whole evaluation split and seeded by ``eval_seed`` alone, so they are identical across runs, training
-seeds and methods. Validation and test may name their own domains, including evaluation-only domains
-the model was not trained on (they get ids after the training domains; the model conditions them on
-its ``unknown`` embedding). A meta-batch is a ``list[Task]``.
+It reads and checks every domain's manifest (``manifest.py``) before any shard is opened, then hands
+the training loader a ``MetaBatchStream`` and the validation and test loaders fixed episodes
+(``tasks.py``): drawn from the whole evaluation split and seeded by ``eval_seed`` alone, so they are
+identical across runs, training seeds and methods. Validation and test may name their own domains,
+including evaluation-only domains the model was not trained on (they get ids after the training
+domains; the model conditions them on its ``unknown`` embedding). A meta-batch is a ``list[Task]``.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import random
-from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from metacontrastive.data.episodes import DomainTaskStream, EpisodeShape, domain_schedule, mix_seed
-from metacontrastive.data.sources import DomainSplit, domain_split, read_manifest
-from metacontrastive.data.tasks import EvaluationPool, FixedEpisodes, Interleaved, MetaBatches
+from metacontrastive.data.episodes import EpisodeShape
+from metacontrastive.data.manifest import ROOT, DomainSplit, domain_split, read_manifest
+from metacontrastive.data.tasks import (
+    DomainSampling, EvaluationPool, FixedEpisodes, Interleaved, MetaBatches, MetaBatchStream, StreamOptions,
+)
 
-__all__ = ["EpisodicDataModule", "MetaBatchStream"]
+__all__ = ["EpisodicDataModule"]
 
 log = logging.getLogger(__name__)
 
 
 def _identity(batch):
     return batch
-
-
-class MetaBatchStream(IterableDataset):
-    """Meta-batches of ``tasks_per_batch`` tasks from infinite per-domain streams, ``batches`` per epoch
-    split over the DataLoader workers.
-
-    Args:
-        splits: the training split of every domain, in domain-id order.
-        shape: the task shape.
-        tasks_per_batch: tasks per meta-batch.
-        domain_sampling: how tasks pick their domain (see ``domain_schedule``).
-        batches: meta-batches per epoch, over all workers of this rank.
-        image_size: side length images are resized to.
-        shuffle_buffer: raw samples each domain stream holds for shuffling.
-        reservoir: records each domain stream keeps per class.
-        seed: the run's data seed.
-        rank: this process's global rank.
-        epoch: the epoch the stream starts at (a resumed run draws new episodes).
-        strict: raise on a corrupt sample instead of skipping it.
-    """
-
-    def __init__(self, splits: list[DomainSplit], shape: EpisodeShape, tasks_per_batch: int, domain_sampling: str,
-                 batches: int, image_size: int, shuffle_buffer: int, reservoir: int, seed: int, rank: int, epoch: int,
-                 strict: bool = False) -> None:
-        super().__init__()
-        self.splits, self.shape, self.tasks_per_batch, self.domain_sampling = splits, shape, tasks_per_batch, domain_sampling
-        self.batches, self.image_size, self.shuffle_buffer, self.reservoir = batches, image_size, shuffle_buffer, reservoir
-        self.seed, self.rank, self.epoch, self.strict = seed, rank, epoch, strict
-        proportional = domain_sampling == "proportional"
-        self.weights = [float(s.num_samples) if proportional else 1.0 for s in splits]
-        self.streams: list[DomainTaskStream] | None = None  # built in the worker that iterates, with:
-        self._rng: random.Random | None = None  # the domain schedule's random source
-        self._batch_index = 0  # the next meta-batch's index in this rank's stream
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "streams": None}  # live generators do not pickle; workers build their own
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if self.streams is None:
-            seed = mix_seed(self.seed, self.rank, worker, self.epoch)
-            self.streams = [DomainTaskStream(split, self.shape, self.image_size, self.shuffle_buffer, self.reservoir,
-                                             mix_seed(seed, split.domain_id), self.strict) for split in self.splits]
-            self._rng = random.Random(seed)
-            self._batch_index = worker  # this worker's meta-batches are worker, worker + workers, ...
-        for _ in range(self.batches // workers + (worker < self.batches % workers)):
-            ids = domain_schedule(self.domain_sampling, self.weights, self.tasks_per_batch, self._rng, self._batch_index)
-            self._batch_index += workers
-            yield [next(self.streams[i]) for i in ids]
 
 
 class EpisodicDataModule(L.LightningDataModule):
@@ -97,7 +41,7 @@ class EpisodicDataModule(L.LightningDataModule):
         domains: the training domains, in domain-id order (the model's domain table).
         root: the shards root, holding ``<domain>/manifest.json`` and the shards.
         urls: per-domain shard specs that override ``root``, each with a ``{split}`` brace pattern or a
-            ``{shard}`` field (see ``metacontrastive.data.sources``); the manifest lies beside the shards.
+            ``{shard}`` field (see ``metacontrastive.data.manifest``); the manifest lies beside the shards.
         val_domains: domains validated on their ``val`` split (default: ``domains``). May name
             evaluation-only domains, absent from ``domains``.
         test_domains: domains tested on their ``test`` split (default: ``domains``); may name
@@ -130,7 +74,7 @@ class EpisodicDataModule(L.LightningDataModule):
     def __init__(
         self,
         domains: list[str] = ["natural", "medical"],  # noqa: B006 - read-only default, shown by the CLI
-        root: str = "data/shards",
+        root: str = ROOT,
         urls: dict[str, str] | None = None,
         val_domains: list[str] | None = None,
         test_domains: list[str] | None = None,
@@ -141,7 +85,7 @@ class EpisodicDataModule(L.LightningDataModule):
         support_size: int | None = None,
         query_size: int | None = None,
         tasks_per_batch: int = 4,
-        domain_sampling: Literal["round_robin", "uniform", "proportional"] = "round_robin",
+        domain_sampling: DomainSampling = "round_robin",
         steps_per_epoch: int = 100,
         val_episodes: int = 50,
         test_episodes: int = 600,
@@ -217,8 +161,9 @@ class EpisodicDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp, trainer = self.hparams, self.trainer
         rank, epoch = (trainer.global_rank, trainer.current_epoch) if trainer is not None else (0, 0)
+        options = StreamOptions(hp.image_size, hp.shuffle_buffer, hp.reservoir, hp.strict_decode)
         stream = MetaBatchStream(self.split("train"), self.shape, hp.tasks_per_batch, hp.domain_sampling, hp.steps_per_epoch,
-                                 hp.image_size, hp.shuffle_buffer, hp.reservoir, hp.seed, rank, epoch, hp.strict_decode)
+                                 options, hp.seed, rank, epoch)
         return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=hp.num_workers,
                           persistent_workers=hp.num_workers > 0)
 

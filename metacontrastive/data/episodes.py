@@ -4,37 +4,29 @@ Labelled domains give N-way K-shot tasks: ``EpisodeSampler`` keeps a bounded res
 records per class, fed from a shuffled stream, and draws an episode whenever ``ways`` classes hold
 ``shots + queries`` records. Caption-only domains give tasks of ``support_size + query_size``
 consecutive distinct pairs of the shuffled stream (``CaptionSampler``); their texts are the unique
-captions, and identical captions share a label. ``DomainTaskStream`` chains shards, sampler and task
-building for one domain; ``domain_schedule`` picks the domain of each task of a meta-batch.
+captions, and identical captions share a label. The streams that feed them live in ``tasks.py``.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from metacontrastive.data.shards import Record, RecordStream
-from metacontrastive.data.sources import DomainSplit
+from metacontrastive.data.shards import Record
 
 __all__ = [
-    "DOMAIN_SAMPLING",
     "CaptionSampler",
-    "DomainTaskStream",
     "EpisodeSampler",
     "EpisodeShape",
     "Task",
-    "domain_schedule",
     "episodes",
     "make_caption_task",
     "make_task",
     "mix_seed",
 ]
-
-DOMAIN_SAMPLING = ("uniform", "proportional", "round_robin")
-
 
 @dataclass
 class Task:
@@ -223,79 +215,3 @@ def episodes(records: Iterator[Record], sampler: EpisodeSampler | CaptionSampler
             raise RuntimeError(f"{fresh} records streamed without forming a task: too few decodable samples per class "
                                "for this episode shape (check the skip warnings above)")
     raise RuntimeError("the record stream ended before a task could be drawn: too few samples for this episode shape")
-
-
-class DomainTaskStream:
-    """One domain's infinite stream of training tasks.
-
-    Shuffled shards -> class filter -> shuffle buffer -> decode -> sampler -> ``Task``. It holds at most
-    ``max_buffered`` records: the shuffle buffer plus ``reservoir`` per usable class (labelled) or one
-    task in progress (caption-only), whatever the size of the domain.
-
-    Args:
-        split: the domain's training split.
-        shape: the task shape.
-        image_size: side length images are resized to.
-        shuffle_buffer: raw samples held for shuffling.
-        reservoir: records kept per class.
-        seed: seeds shard order, shuffle, episode draws and prompt templates.
-        strict: raise on a corrupt sample instead of skipping it.
-    """
-
-    def __init__(self, split: DomainSplit, shape: EpisodeShape, image_size: int, shuffle_buffer: int, reservoir: int,
-                 seed: int, strict: bool = False) -> None:
-        self.split, self.shape = split, shape
-        self.records = RecordStream(split.urls, image_size, mix_seed(seed, 0), resampled=True, shuffle_buffer=shuffle_buffer,
-                                    labels=set(split.usable) if split.labelled else None, strict=strict,
-                                    where=f"domain {split.name!r} train")
-        self._rng = random.Random(mix_seed(seed, 1))
-        if split.labelled:
-            self.sampler: EpisodeSampler | CaptionSampler = EpisodeSampler(shape.ways, shape.per_class, reservoir, self._rng)
-            self.max_buffered = shuffle_buffer + reservoir * len(split.usable)
-        else:
-            self.sampler = CaptionSampler(shape.caption_size)
-            self.max_buffered = shuffle_buffer + shape.caption_size
-        patience = 2 * (split.num_samples + shuffle_buffer)  # a sound split forms a task within one pass
-        self._draws = episodes(iter(self.records), self.sampler, patience)
-
-    def buffered(self) -> int:
-        """Records held now: the shuffle buffer plus the sampler's."""
-        return self.records.buffered + self.sampler.buffered()
-
-    def __iter__(self) -> DomainTaskStream:
-        return self
-
-    def __next__(self) -> Task:
-        split = self.split
-        if not split.labelled:
-            return make_caption_task(split.name, split.domain_id, next(self._draws), self.shape.support_size)
-        classes, groups = next(self._draws)
-        names = [split.classes[c] for c in classes]
-        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, self._rng.choice(split.templates))
-
-
-def domain_schedule(mode: str, weights: Sequence[float], tasks: int, rng: random.Random, batch_index: int) -> list[int]:
-    """The domain index of each task of one meta-batch.
-
-    ``round_robin`` cycles through the domains across consecutive meta-batches; ``uniform`` and
-    ``proportional`` draw each task's domain at random with ``weights``. With two or more domains and
-    tasks, a meta-batch always mixes domains (the alignment term needs two): a random draw that
-    lands on one domain has one task, picked at random, redrawn from the others.
-
-    Args:
-        mode: one of ``DOMAIN_SAMPLING``.
-        weights: one per domain (``uniform``: equal; ``proportional``: train samples); unused by round robin.
-        tasks: tasks per meta-batch.
-        rng: the random source.
-        batch_index: the meta-batch's index in this rank's stream (round robin's position).
-    """
-    n = len(weights)
-    if mode == "round_robin":
-        return [(batch_index * tasks + t) % n for t in range(tasks)]
-    if mode not in DOMAIN_SAMPLING:
-        raise ValueError(f"domain_sampling must be one of {DOMAIN_SAMPLING}, not {mode!r}")
-    ids = rng.choices(range(n), weights=weights, k=tasks)
-    if n > 1 and tasks > 1 and len(set(ids)) == 1:
-        others = [d for d in range(n) if d != ids[0]]
-        ids[rng.randrange(tasks)] = rng.choices(others, weights=[weights[d] for d in others])[0]
-    return ids

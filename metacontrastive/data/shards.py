@@ -13,7 +13,6 @@ of corrupt samples.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import random
@@ -30,23 +29,13 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-__all__ = [
-    "SPLITS",
-    "DomainWriter",
-    "Record",
-    "RecordStream",
-    "SkipCounter",
-    "available_domains",
-    "decode_record",
-    "load_manifest",
-    "sample_label",
-    "split_urls",
-]
+from metacontrastive.data.manifest import MANIFEST, SPLITS, write_manifest
+
+__all__ = ["SHARD_SIZE", "DomainWriter", "Record", "RecordStream", "SkipCounter", "decode_record", "sample_label"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
+SHARD_SIZE = 1000  # samples per shard unless a command says otherwise
 IMAGE_KEYS = ("png", "jpg", "jpeg")
 
 
@@ -82,7 +71,7 @@ class DomainWriter:
         classes: list[str],
         templates: list[str],
         source: str,
-        maxcount: int = 1000,
+        maxcount: int = SHARD_SIZE,
         image_format: str = "png",
         overwrite: bool = False,
     ) -> None:
@@ -153,49 +142,14 @@ class DomainWriter:
     def _write_manifest(self) -> None:
         splits = {}
         for split, counts in self.counts.items():
-            shards = sorted(p.name for p in self.staging.glob(f"{split}-*.tar"))
-            labelled = [c for c in counts if c is not None]
+            labelled = sorted((c for c in counts if c is not None), key=self.classes.index)
             splits[split] = {
-                "classes": sorted(labelled, key=self.classes.index),
-                "counts": {c: counts[c] for c in sorted(labelled, key=self.classes.index)},
+                "classes": labelled,
+                "counts": {c: counts[c] for c in labelled},
                 "num_samples": sum(counts.values()),
-                "shards": shards,
+                "shards": sorted(p.name for p in self.staging.glob(f"{split}-*.tar")),
             }
-        manifest = {
-            "domain": self.domain,
-            "labelled": bool(self.classes),
-            "classes": self.classes,
-            "templates": self.templates,
-            "source": self.source,
-            "splits": splits,
-        }
-        (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def available_domains(root: str | Path) -> list[str]:
-    """Domains under ``root`` that have a manifest."""
-    root = Path(root)
-    return sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}")) if root.exists() else []
-
-
-def load_manifest(root: str | Path, domain: str) -> dict:
-    """Read ``<root>/<domain>/manifest.json`` with an error that says how to make it."""
-    path = Path(root) / domain / MANIFEST
-    if not path.exists():
-        have = available_domains(root)
-        raise FileNotFoundError(
-            f"no manifest for domain {domain!r} at {path} (domains with shards: {have or 'none'}); "
-            f"write demo shards with `python -m metacontrastive prepare synthetic --domain {domain} --out {root}` "
-            f"or `make data DOMAINS={domain}`"
-        )
-    return json.loads(path.read_text())
-
-
-def split_urls(root: str | Path, domain: str, split: str, manifest: dict) -> list[str]:
-    """Local paths of one split's shards, as listed in the manifest."""
-    if split not in manifest["splits"]:
-        raise ValueError(f"domain {domain!r} has no {split!r} split; it has {sorted(manifest['splits'])}")
-    return [str(Path(root) / domain / name) for name in manifest["splits"][split]["shards"]]
+        write_manifest(self.staging, self.domain, self.classes, self.templates, self.source, splits)
 
 
 @dataclass

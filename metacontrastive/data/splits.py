@@ -9,9 +9,11 @@ import math
 
 import numpy as np
 
-from metacontrastive.data.shards import SPLITS
+from metacontrastive.data.manifest import SPLITS
 
-__all__ = ["class_split", "explicit_class_split", "fraction_split"]
+__all__ = ["CLASS_FRACTIONS", "class_split", "explicit_class_split", "fraction_split"]
+
+CLASS_FRACTIONS = (0.6, 0.2, 0.2)  # train, val and test fractions of a labelled domain's classes
 
 
 def fraction_split(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:

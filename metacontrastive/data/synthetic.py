@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from metacontrastive.data.shards import SPLITS, DomainWriter
-from metacontrastive.data.splits import class_split
+from metacontrastive.data.manifest import ROOT, SPLITS
+from metacontrastive.data.shards import SHARD_SIZE, DomainWriter
+from metacontrastive.data.splits import CLASS_FRACTIONS, class_split
 
 __all__ = ["GENERATORS", "write_synthetic"]
 
@@ -169,12 +170,12 @@ GENERATORS: dict[str, _Generator] = {
 
 def write_synthetic(
     domain: str,
-    out: str | Path = "data/shards",
+    out: str | Path = ROOT,
     per_class: int = 60,
     size: int = 32,
     seed: int = 0,
-    class_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-    maxcount: int = 1000,
+    class_fractions: tuple[float, float, float] = CLASS_FRACTIONS,
+    maxcount: int = SHARD_SIZE,
     overwrite: bool = False,
 ) -> Path:
     """Render ``per_class`` images for every class of ``domain`` and write them as shards.

@@ -1,24 +1,187 @@
-"""Fixed evaluation episodes: seeded tasks drawn from a whole evaluation split, identical for every method.
+"""Task streams: the training meta-batches and the fixed evaluation episodes.
 
-``EvaluationPool`` decodes one domain's split once, in shard order (every record, or the first
-``per_class`` of each class when memory is short); ``FixedEpisodes`` draws a seeded list of episodes
-from it, seeded by ``(seed, domain, shape)`` alone, so every run, training seed and method sees the same
-image ids in the same order. ``Interleaved`` and ``MetaBatches`` turn per-domain episode lists into the
+Training: ``DomainTaskStream`` chains one domain's shards, shuffle buffer, sampler and task building into an
+infinite stream; ``MetaBatchStream`` draws meta-batches from every domain's stream, the domain of each task
+picked by ``domain_schedule``. Each (rank, worker) pair seeds its own streams from ``(seed, rank, worker,
+epoch at start)``, so episodes are reproducible for a seed (with the same number of ranks and workers)
+and differ across ranks and workers; a worker keeps its streams from one epoch to the next.
+
+Evaluation: ``EvaluationPool`` decodes one domain's split once, in shard order (every record, or the first
+``per_class`` of each class when memory is short); ``FixedEpisodes`` draws a seeded list of episodes from
+it, seeded by ``(seed, domain, shape)`` alone, so every run, training seed and method sees the same image
+ids in the same order. ``Interleaved`` and ``MetaBatches`` turn per-domain episode lists into the
 mixed-domain meta-batches of the validation and test loaders.
 """
 from __future__ import annotations
 
 import random
 import zlib
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from metacontrastive.data.episodes import EpisodeShape, Task, make_caption_task, make_task, mix_seed
+from metacontrastive.data.episodes import (
+    CaptionSampler, EpisodeSampler, EpisodeShape, Task, episodes, make_caption_task, make_task, mix_seed,
+)
+from metacontrastive.data.manifest import DomainSplit
 from metacontrastive.data.shards import Record, RecordStream
-from metacontrastive.data.sources import DomainSplit
 
-__all__ = ["EvaluationPool", "FixedEpisodes", "Interleaved", "MetaBatches"]
+__all__ = [
+    "DOMAIN_SAMPLING",
+    "DomainSampling",
+    "DomainTaskStream",
+    "EvaluationPool",
+    "FixedEpisodes",
+    "Interleaved",
+    "MetaBatchStream",
+    "MetaBatches",
+    "StreamOptions",
+    "domain_schedule",
+]
+
+DOMAIN_SAMPLING = ("round_robin", "uniform", "proportional")
+DomainSampling = Literal[DOMAIN_SAMPLING]  # the allowed values, for LightningCLI, written once above
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a training stream reads a domain's shards (the data module's settings, passed down as one).
+
+    Attributes:
+        image_size: side length images are decoded at.
+        shuffle_buffer: raw samples held for shuffling.
+        reservoir: records kept per class by the episode sampler.
+        strict: raise on a corrupt sample instead of skipping it.
+    """
+
+    image_size: int
+    shuffle_buffer: int
+    reservoir: int
+    strict: bool
+
+
+class DomainTaskStream:
+    """One domain's infinite stream of training tasks.
+
+    Shuffled shards -> class filter -> shuffle buffer -> decode -> sampler -> ``Task``. It holds at most
+    ``max_buffered`` records: the shuffle buffer plus ``reservoir`` per usable class (labelled) or one
+    task in progress (caption-only), whatever the size of the domain.
+
+    Args:
+        split: the domain's training split.
+        shape: the task shape.
+        options: how the shards are read.
+        seed: seeds shard order, shuffle, episode draws and prompt templates.
+    """
+
+    def __init__(self, split: DomainSplit, shape: EpisodeShape, options: StreamOptions, seed: int) -> None:
+        self.split, self.shape = split, shape
+        buffer = options.shuffle_buffer
+        self.records = RecordStream(split.urls, options.image_size, mix_seed(seed, 0), resampled=True, shuffle_buffer=buffer,
+                                    labels=set(split.usable) if split.labelled else None, strict=options.strict,
+                                    where=f"domain {split.name!r} train")
+        self._rng = random.Random(mix_seed(seed, 1))
+        if split.labelled:
+            self.sampler: EpisodeSampler | CaptionSampler = EpisodeSampler(shape.ways, shape.per_class, options.reservoir,
+                                                                           self._rng)
+            self.max_buffered = buffer + options.reservoir * len(split.usable)
+        else:
+            self.sampler = CaptionSampler(shape.caption_size)
+            self.max_buffered = buffer + shape.caption_size
+        patience = 2 * (split.num_samples + buffer)  # a sound split forms a task within one pass
+        self._draws = episodes(iter(self.records), self.sampler, patience)
+
+    def buffered(self) -> int:
+        """Records held now: the shuffle buffer plus the sampler's."""
+        return self.records.buffered + self.sampler.buffered()
+
+    def __iter__(self) -> DomainTaskStream:
+        return self
+
+    def __next__(self) -> Task:
+        split = self.split
+        if not split.labelled:
+            return make_caption_task(split.name, split.domain_id, next(self._draws), self.shape.support_size)
+        classes, groups = next(self._draws)
+        names = [split.classes[c] for c in classes]
+        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, self._rng.choice(split.templates))
+
+
+def domain_schedule(mode: str, weights: Sequence[float], tasks: int, rng: random.Random, batch_index: int) -> list[int]:
+    """The domain index of each task of one meta-batch.
+
+    ``round_robin`` cycles through the domains across consecutive meta-batches; ``uniform`` and
+    ``proportional`` draw each task's domain at random with ``weights``. With two or more domains and
+    tasks, a meta-batch always mixes domains (the alignment term needs two): a random draw that
+    lands on one domain has one task, picked at random, redrawn from the others.
+
+    Args:
+        mode: one of ``DOMAIN_SAMPLING``.
+        weights: one per domain (``uniform``: equal; ``proportional``: train samples); unused by round robin.
+        tasks: tasks per meta-batch.
+        rng: the random source.
+        batch_index: the meta-batch's index in this rank's stream (round robin's position).
+    """
+    n = len(weights)
+    if mode == "round_robin":
+        return [(batch_index * tasks + t) % n for t in range(tasks)]
+    if mode not in DOMAIN_SAMPLING:
+        raise ValueError(f"domain_sampling must be one of {DOMAIN_SAMPLING}, not {mode!r}")
+    ids = rng.choices(range(n), weights=weights, k=tasks)
+    if n > 1 and tasks > 1 and len(set(ids)) == 1:
+        others = [d for d in range(n) if d != ids[0]]
+        ids[rng.randrange(tasks)] = rng.choices(others, weights=[weights[d] for d in others])[0]
+    return ids
+
+
+class MetaBatchStream(IterableDataset):
+    """Meta-batches of ``tasks_per_batch`` tasks from infinite per-domain streams, ``batches`` per epoch
+    split over the DataLoader workers.
+
+    Args:
+        splits: the training split of every domain, in domain-id order.
+        shape: the task shape.
+        tasks_per_batch: tasks per meta-batch.
+        domain_sampling: how tasks pick their domain (see ``domain_schedule``).
+        batches: meta-batches per epoch, over all workers of this rank.
+        options: how each domain stream reads its shards.
+        seed: the run's data seed.
+        rank: this process's global rank.
+        epoch: the epoch the stream starts at (a resumed run draws new episodes).
+    """
+
+    def __init__(self, splits: list[DomainSplit], shape: EpisodeShape, tasks_per_batch: int, domain_sampling: str,
+                 batches: int, options: StreamOptions, seed: int, rank: int, epoch: int) -> None:
+        super().__init__()
+        self.splits, self.shape, self.tasks_per_batch, self.domain_sampling = splits, shape, tasks_per_batch, domain_sampling
+        self.batches, self.options, self.seed, self.rank, self.epoch = batches, options, seed, rank, epoch
+        proportional = domain_sampling == "proportional"
+        self.weights = [float(s.num_samples) if proportional else 1.0 for s in splits]
+        self.streams: list[DomainTaskStream] | None = None  # built in the worker that iterates, with:
+        self._rng: random.Random | None = None  # the domain schedule's random source
+        self._batch_index = 0  # the next meta-batch's index in this rank's stream
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "streams": None}  # live generators do not pickle; workers build their own
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.streams is None:
+            seed = mix_seed(self.seed, self.rank, worker, self.epoch)
+            self.streams = [DomainTaskStream(split, self.shape, self.options, mix_seed(seed, split.domain_id))
+                            for split in self.splits]
+            self._rng = random.Random(seed)
+            self._batch_index = worker  # this worker's meta-batches are worker, worker + workers, ...
+        for _ in range(self.batches // workers + (worker < self.batches % workers)):
+            ids = domain_schedule(self.domain_sampling, self.weights, self.tasks_per_batch, self._rng, self._batch_index)
+            self._batch_index += workers
+            yield [next(self.streams[i]) for i in ids]
+
 
 Draw = list[tuple[int, list[int]]]  # one episode: (class id, indices into the pool's records of that class) per way
 

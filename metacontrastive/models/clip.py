@@ -8,6 +8,7 @@ parts, which is how an inner loop substitutes its adapted clones (see ``metacont
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from metacontrastive.models.conditioning import DomainEmbedding, FiLM
 from metacontrastive.models.towers import build_towers
 
-__all__ = ["DomainConditionedCLIP", "ProjectionHead"]
+__all__ = ["DomainConditionedCLIP", "EncoderConfig", "ProjectionHead"]
 
 
 class ProjectionHead(nn.Module):
@@ -31,19 +32,22 @@ class ProjectionHead(nn.Module):
         return self.net(h)
 
 
-class DomainConditionedCLIP(nn.Module):
-    """A CLIP-style dual encoder whose features are modulated by a learned domain embedding.
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The dual encoder's options: towers, domain conditioning, heads and temperature (every default here).
 
-    Args:
-        num_domains: known domains; id ``num_domains`` is ``unknown``.
+    Read by LightningCLI as ``--model.encoder.<field>``.
+
+    Attributes:
         image_tower: image tower name, e.g. ``tiny``, ``timm:resnet18``, ``hf-clip:/path`` (see
             ``metacontrastive.models.towers``).
         text_tower: text tower name, e.g. ``tiny``, ``minilm``, ``hf:/path``, ``hf-clip:/path``; two
             ``hf-clip`` towers share one load, and ``hf-clip`` alone takes the other tower's folder.
         image_pretrained: a local weight file for a ``timm:`` image tower (None: random init).
-        tower_image_size: side the image tower resizes inputs to (None: the backbone's own input size).
-        freeze_image: freeze the image tower (no gradients, eval mode).
-        freeze_text: freeze the text tower (no gradients, eval mode).
+        image_size: side the image tower resizes its inputs to (None: the backbone's own input size;
+            ``data.image_size`` is the side images are decoded at).
+        freeze_image: freeze the image tower: no gradients, eval mode.
+        freeze_text: freeze the text tower: no gradients, eval mode.
         embed_dim: size of the shared embedding space.
         hidden_dim: hidden width of the projection heads.
         domain_dim: size of the domain embeddings.
@@ -53,38 +57,45 @@ class DomainConditionedCLIP(nn.Module):
         max_logit_scale: clamp on the inverse temperature (CLIP: 100).
     """
 
-    def __init__(
-        self,
-        num_domains: int,
-        image_tower: str = "tiny",
-        text_tower: str = "tiny",
-        image_pretrained: str | None = None,
-        tower_image_size: int | None = None,
-        freeze_image: bool = False,
-        freeze_text: bool = False,
-        embed_dim: int = 128,
-        hidden_dim: int = 256,
-        domain_dim: int = 32,
-        condition_image: bool = True,
-        condition_text: bool = True,
-        init_temperature: float = 0.07,
-        max_logit_scale: float = 100.0,
-    ) -> None:
+    image_tower: str = "tiny"
+    text_tower: str = "tiny"
+    image_pretrained: str | None = None
+    image_size: int | None = None
+    freeze_image: bool = False
+    freeze_text: bool = False
+    embed_dim: int = 128
+    hidden_dim: int = 256
+    domain_dim: int = 32
+    condition_image: bool = True
+    condition_text: bool = True
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+
+class DomainConditionedCLIP(nn.Module):
+    """A CLIP-style dual encoder whose features are modulated by a learned domain embedding.
+
+    Args:
+        num_domains: known domains; id ``num_domains`` is ``unknown``.
+        config: towers, conditioning, heads and temperature.
+    """
+
+    def __init__(self, num_domains: int, config: EncoderConfig) -> None:
         super().__init__()
-        self.image_tower, self.text_tower = build_towers(
-            image_tower, text_tower, image_pretrained, tower_image_size, freeze_image, freeze_text
-        )
+        self.config = config
+        self.image_tower, self.text_tower = build_towers(config.image_tower, config.text_tower, config.image_pretrained,
+                                                         config.image_size, config.freeze_image, config.freeze_text)
         img_dim, txt_dim = self.image_tower.out_dim, self.text_tower.out_dim
-        conditioned = condition_image or condition_text
+        conditioned = config.condition_image or config.condition_text
         # without conditioning there is no domain embedding at all: an unused parameter breaks DDP
-        self.domain = DomainEmbedding(num_domains, domain_dim) if conditioned else None
+        self.domain = DomainEmbedding(num_domains, config.domain_dim) if conditioned else None
         self.num_domains = num_domains
-        self.film_image = FiLM(domain_dim, img_dim) if condition_image else None
-        self.film_text = FiLM(domain_dim, txt_dim) if condition_text else None
-        self.head_image = ProjectionHead(img_dim, hidden_dim, embed_dim)
-        self.head_text = ProjectionHead(txt_dim, hidden_dim, embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
+        self.film_image = FiLM(config.domain_dim, img_dim) if config.condition_image else None
+        self.film_text = FiLM(config.domain_dim, txt_dim) if config.condition_text else None
+        self.head_image = ProjectionHead(img_dim, config.hidden_dim, config.embed_dim)
+        self.head_text = ProjectionHead(txt_dim, config.hidden_dim, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self.max_log_scale = math.log(config.max_logit_scale)
 
     @property
     def unknown_domain(self) -> int:

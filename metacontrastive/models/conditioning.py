@@ -27,10 +27,6 @@ class DomainEmbedding(nn.Module):
         self.table = nn.Embedding(num_domains + 1, dim)
         nn.init.normal_(self.table.weight, std=0.02)
 
-    @property
-    def unknown_id(self) -> int:
-        return self.num_domains
-
     def forward(self, domain_ids: torch.Tensor) -> torch.Tensor:
         return self.table(domain_ids)  # (B, dim)
 

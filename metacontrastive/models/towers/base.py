@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Tower"]
+__all__ = ["Tower", "parameter_device", "resize"]
 
 
 class Tower(nn.Module):
@@ -35,7 +35,7 @@ class Tower(nn.Module):
         return super().train(mode and not self.frozen)
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int] | None, mode: str = "bilinear") -> torch.Tensor:
+def resize(images: torch.Tensor, size: tuple[int, int] | None, mode: str = "bilinear") -> torch.Tensor:
     """Resize (B, 3, H, W) images to ``size`` (antialiased) unless they have it already or size is None."""
     if size is None or tuple(images.shape[-2:]) == tuple(size):
         return images
@@ -43,7 +43,7 @@ def _resize(images: torch.Tensor, size: tuple[int, int] | None, mode: str = "bil
     return out.clamp(0.0, 1.0) if mode == "bicubic" else out  # bicubic overshoots at sharp edges
 
 
-def _device(module: nn.Module) -> torch.device:
+def parameter_device(module: nn.Module) -> torch.device:
     """The device of the first parameter (or buffer) of ``module``: where its inputs must go."""
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device

@@ -34,7 +34,7 @@ TEXT_TOWERS = ("tiny", "minilm", "hf:<folder or hub id>", "hf-clip:<folder or hu
 _CLIP_FOLDER = ("an hf-clip {which} tower needs a folder: hf-clip:/path/to/clip, a folder written by "
                 "CLIPModel.save_pretrained with its tokenizer (config.json, model.safetensors, vocab.json, "
                 "merges.txt, tokenizer_config.json; preprocessor_config.json optional), "
-                "e.g. --model.{which}_tower=hf-clip:/models/clip-vit-base-patch32")
+                "e.g. --model.encoder.{which}_tower=hf-clip:/models/clip-vit-base-patch32")
 
 
 def build_image_tower(
@@ -62,12 +62,12 @@ def build_text_tower(name: str = "tiny", freeze: bool = False) -> Tower:
 
 
 def build_towers(
-    image_tower: str = "tiny",
-    text_tower: str = "tiny",
-    image_pretrained: str | None = None,
-    image_size: int | None = None,
-    freeze_image: bool = False,
-    freeze_text: bool = False,
+    image_tower: str,
+    text_tower: str,
+    image_pretrained: str | None,
+    image_size: int | None,
+    freeze_image: bool,
+    freeze_text: bool,
 ) -> tuple[Tower, Tower]:
     """Build the image and the text tower together, loading a CLIP shared by both only once.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metacontrastive.models.towers.base import Tower, _device, _resize
+from metacontrastive.models.towers.base import Tower, parameter_device, resize
 
 __all__ = ["CLIPImageTower", "CLIPTextTower", "clip_image_tower", "clip_text_tower", "load_clip"]
 
@@ -47,7 +47,7 @@ class CLIPImageTower(Tower):
         self.out_dim = projection.out_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (_resize(images, self.input_size, "bicubic") - self.mean) / self.std  # (B, 3, S, S)
+        x = (resize(images, self.input_size, "bicubic") - self.mean) / self.std  # (B, 3, S, S)
         pooled = self.vision_model(pixel_values=x, **self._forward_kwargs).pooler_output  # (B, width)
         return self.projection(pooled)  # (B, out_dim)
 
@@ -69,7 +69,7 @@ class CLIPTextTower(Tower):
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(_device(self))  # (B, L) ids and mask
+                               return_tensors="pt").to(parameter_device(self))  # (B, L) ids and mask
         pooled = self.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
         return self.projection(pooled)  # (B, out_dim)
 

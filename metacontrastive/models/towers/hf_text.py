@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metacontrastive.models.towers.base import Tower, _device
+from metacontrastive.models.towers.base import Tower, parameter_device
 
 __all__ = ["HFTextTower", "hf_text_tower", "minilm_path"]
 
@@ -29,7 +29,7 @@ class HFTextTower(Tower):
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(_device(self))  # (B, L) ids and mask
+                               return_tensors="pt").to(parameter_device(self))  # (B, L) ids and mask
         hidden = self.model(**batch).last_hidden_state  # (B, L, H)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, H)

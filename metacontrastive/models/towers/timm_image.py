@@ -6,7 +6,7 @@ import os
 import torch
 from torch import nn
 
-from metacontrastive.models.towers.base import Tower, _resize
+from metacontrastive.models.towers.base import Tower, resize
 
 __all__ = ["TimmImageTower", "timm_image_tower"]
 
@@ -44,7 +44,7 @@ class TimmImageTower(Tower):
         self.out_dim = getattr(model, "head_hidden_size", None) or model.num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = _resize(images, self.input_size, self.interpolation)  # (B, 3, S, S)
+        x = resize(images, self.input_size, self.interpolation)  # (B, 3, S, S)
         return self.model((x - self.mean) / self.std)  # (B, out_dim)
 
 

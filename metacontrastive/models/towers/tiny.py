@@ -7,7 +7,7 @@ import zlib
 import torch
 from torch import nn
 
-from metacontrastive.models.towers.base import Tower, _resize
+from metacontrastive.models.towers.base import Tower, resize
 
 __all__ = ["TinyImageTower", "TinyTextTower"]
 
@@ -36,7 +36,7 @@ class TinyImageTower(Tower):
         self.input_size = None if image_size is None else (image_size, image_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (_resize(images, self.input_size) - 0.5) / 0.5  # (B, 3, H, W) in [-1, 1]
+        x = (resize(images, self.input_size) - 0.5) / 0.5  # (B, 3, H, W) in [-1, 1]
         return self.net(x).mean(dim=(2, 3))  # (B, out_dim)
 
 

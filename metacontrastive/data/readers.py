@@ -1,47 +1,35 @@
-"""Converters from raw data sets to a domain's shards: image folders, caption files, COCO, MedMNIST arrays.
+"""Raw-data readers: image folders, caption files, COCO, MedMNIST arrays, each to a list of ``Item``.
 
-Each ``read_*`` function turns a source into a list of ``Item`` (where an image is, its class name or
-None, its captions) and checks the source as it goes, with errors that say what to fix.
-``write_domain`` splits the items (by class for labelled data, by image for caption-only data), loads,
-resizes and captions them and writes them with ``DomainWriter``. ``prepare.py`` wires the CLI to these.
+Each ``read_*`` function turns a source into ``Item`` s (where an image is, its class name or None, its
+captions) and checks the source as it goes, with errors that say what to fix. ``prepare.write_domain``
+writes the items as a domain's shards.
 """
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
-import random
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
-from metacontrastive.data.shards import SPLITS, DomainWriter
-from metacontrastive.data.splits import class_split, explicit_class_split, fraction_split
+from metacontrastive.data.manifest import SPLITS
 
 __all__ = [
-    "DEFAULT_TEMPLATE",
     "IMAGE_SUFFIXES",
     "Item",
-    "Summary",
     "parse_label_map",
     "read_captions",
     "read_coco",
     "read_imagefolder",
     "read_npz",
-    "write_domain",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-DEFAULT_TEMPLATE = "a photo of a {label}"
-_UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # missing, truncated or not an image
 
 
 @dataclass
@@ -65,17 +53,6 @@ class Item:
     array: np.ndarray | None = None
 
 
-@dataclass
-class Summary:
-    """What ``write_domain`` wrote: samples and classes per split, and the unreadable images it skipped."""
-
-    path: Path
-    samples: dict[str, int]
-    classes: dict[str, int]
-    skipped: list[str]
-
-
-# ---------------------------------------------------------------- sources
 def parse_label_map(text: str) -> dict[str, str]:
     """Parse ``"0=adipose,1=background"`` or a JSON file (``{"0": "adipose"}`` or ``["adipose", ...]``)."""
     if text.endswith(".json"):
@@ -233,131 +210,6 @@ def read_npz(file: str | Path, labels: dict[str, str]) -> list[Item]:
             items += [Item(f"{file.name}:{split}/{i}", label=labels[str(int(v))], array=images[i])
                       for i, v in enumerate(values)]
     return items
-
-
-# ---------------------------------------------------------------- writing
-def write_domain(
-    items: list[Item],
-    domain: str,
-    out: str | Path = "data/shards",
-    *,
-    source: str,
-    templates: list[str] | None = None,
-    class_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-    class_lists: dict[str, list[str]] | None = None,
-    image_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    size: int | None = None,
-    image_format: str = "png",
-    maxcount: int = 1000,
-    seed: int = 0,
-    overwrite: bool = False,
-    strict: bool = False,
-) -> Summary:
-    """Split ``items`` into train/val/test and write them as ``<out>/<domain>`` shards with a manifest.
-
-    Labelled items are split by class (``class_lists`` if given, else ``class_fractions`` with ``seed``),
-    caption-only items by image (``image_fractions``). Each split is shuffled with ``seed`` so that every
-    shard mixes classes. Unreadable images are skipped and counted (``strict``: raise instead).
-
-    Args:
-        items: from a ``read_*`` function; all labelled or all caption-only.
-        domain: the domain name (a folder under ``out`` and the prefix of sample keys).
-        out: the shards root.
-        source: where the data came from, recorded in the manifest.
-        templates: class prompt templates with a ``{label}`` field (default ``[DEFAULT_TEMPLATE]``); a
-            labelled item without captions gets one of them, filled in, as its caption.
-        class_fractions: train, val and test fractions of the classes.
-        class_lists: explicit class names per split (overrides ``class_fractions``).
-        image_fractions: train, val and test fractions of the images of caption-only data.
-        size: resize so that the shorter side is ``size`` (aspect kept); None keeps the source size.
-        image_format: ``png`` or ``jpg``; JPEG sources kept at their size are written as they are.
-        maxcount: samples per shard.
-        seed: seeds the splits, the shuffles and the template choice.
-        overwrite: replace the domain's existing shards.
-        strict: raise on the first unreadable image instead of skipping it.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", domain):
-        raise ValueError(f"domain {domain!r} names a folder and prefixes sample keys: use letters, digits, - and _")
-    if not items:
-        raise ValueError(f"no images to write for domain {domain!r}")
-    labelled = items[0].label is not None
-    if any((item.label is not None) != labelled for item in items):
-        raise ValueError("some items have a label and some do not; a domain is either labelled or caption-only")
-    templates = _check_templates(templates if templates is not None else ([DEFAULT_TEMPLATE] if labelled else []))
-    classes, by_split = _split(items, labelled, class_fractions, class_lists, image_fractions, seed)
-    index = {name: i for i, name in enumerate(classes)}
-    rng = random.Random(seed)
-    for split in SPLITS:
-        rng.shuffle(by_split[split])  # mix classes in every shard: the training stream's shuffle buffer is smaller than a split
-    order = [(split, item) for split in SPLITS for item in by_split[split]]
-    skipped = []
-    with DomainWriter(out, domain, classes, templates, source, maxcount, image_format, overwrite) as writer:
-        for n, (split, item) in enumerate(tqdm(order, desc=domain, unit="img", leave=False)):
-            try:
-                image = _load_image(item, size, image_format)
-            except _UNREADABLE as err:
-                if strict:
-                    raise ValueError(f"cannot read image {item.origin}: {err}") from err
-                skipped.append(item.origin)
-                continue
-            caption = item.captions[0] if item.captions else rng.choice(templates).format(label=item.label)
-            extra = {"origin": item.origin, **({"captions": item.captions} if len(item.captions) > 1 else {})}
-            writer.write(split, f"{domain}-{n:07d}", image, caption, index.get(item.label), extra)
-    if skipped:
-        log.warning("domain %r: skipped %d unreadable images (e.g. %s); pass --strict to stop at the first",
-                    domain, len(skipped), ", ".join(skipped[:3]))
-    return Summary(Path(out) / domain, {s: sum(c.values()) for s, c in writer.counts.items()},
-                   {s: sum(name is not None for name in c) for s, c in writer.counts.items()}, skipped)
-
-
-def _split(items: list[Item], labelled: bool, class_fractions: tuple[float, float, float],
-           class_lists: dict[str, list[str]] | None, image_fractions: tuple[float, float, float],
-           seed: int) -> tuple[list[str], dict[str, list[Item]]]:
-    """The classes to write and the items of each split."""
-    if not labelled:
-        if class_lists:
-            raise ValueError("caption-only data has no classes to list; split it by image with --image-split")
-        cut = fraction_split(len(items), image_fractions, seed)
-        return [], {split: [items[i] for i in idx] for split, idx in cut.items()}
-    classes = sorted({item.label for item in items})
-    chosen = explicit_class_split(classes, class_lists) if class_lists else class_split(classes, class_fractions, seed)
-    where = {name: split for split, names in chosen.items() for name in names}
-    return [c for c in classes if c in where], {s: [it for it in items if where.get(it.label) == s] for s in SPLITS}
-
-
-def _load_image(item: Item, size: int | None, image_format: str) -> Image.Image | bytes:
-    """The item's image, resized; a JPEG file's own bytes when it needs neither resizing nor re-encoding."""
-    if item.array is not None:
-        array = item.array[..., 0] if item.array.ndim == 3 and item.array.shape[-1] == 1 else item.array  # (H, W[, 3])
-        image = Image.fromarray(array)
-    else:
-        data = item.path.read_bytes()
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decode now: a truncated file fails here, not in a training run
-        if image.format == "JPEG" and image_format == "jpg" and size is None:
-            return data
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit scans: stretch min..max to 0..255
-        array = np.asarray(image, dtype=np.float64)
-        low, high = array.min(), array.max()
-        image = Image.fromarray(((array - low) * (255.0 / max(high - low, 1e-12))).round().astype(np.uint8))
-    elif image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")
-    if size is None:
-        return image
-    scale = size / min(image.size)
-    shape = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image if shape == image.size else image.resize(shape, Image.BICUBIC)
-
-
-def _check_templates(templates: list[str]) -> list[str]:
-    for template in templates:
-        try:
-            filled = template.format(label="x")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"caption template {template!r} may only use the field {{label}}: {err!r}") from None
-        if filled == template:
-            raise ValueError(f"caption template {template!r} has no {{label}} field")
-    return list(templates)
 
 
 def _existing(path: Path, what: str) -> Path:

@@ -1,4 +1,8 @@
-"""Where a domain's shards and manifest live, and the checks made on them before anything streams.
+"""The manifest: writing it, reading it (the one reader), where a domain's shards live, and the checks
+made on a split before anything streams.
+
+``<root>/<domain>/manifest.json`` names every class of the domain, each split's classes with their
+counts and its shard list, and the caption templates (see data/README.md).
 
 A domain is read from ``<root>/<domain>/`` (its shards as listed by its manifest) unless ``urls`` maps it
 to a shard spec: any URL WebDataset opens (a local path, ``file:``, ``pipe:``, ``http(s)://``) holding
@@ -25,13 +29,68 @@ from pathlib import Path
 
 import webdataset as wds
 
-from metacontrastive.data.shards import MANIFEST, available_domains, load_manifest, split_urls
-
-__all__ = ["DomainSplit", "domain_split", "manifest_url", "read_manifest"]
+__all__ = [
+    "MANIFEST",
+    "ROOT",
+    "SPLITS",
+    "DomainSplit",
+    "available_domains",
+    "domain_split",
+    "manifest_url",
+    "read_manifest",
+    "split_urls",
+    "write_manifest",
+]
 
 log = logging.getLogger(__name__)
 
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+ROOT = "data/shards"  # where shards are written and read unless a command says otherwise
 _FIELD = re.compile(r"[^/\s]*\{(?:split|shard)\}[^/\s]*")  # the path segment that holds the field
+
+
+def write_manifest(folder: Path, domain: str, classes: list[str], templates: list[str], source: str,
+                   splits: dict[str, dict]) -> None:
+    """Write ``folder/manifest.json``.
+
+    Args:
+        folder: the domain's folder (a staging folder while ``DomainWriter`` writes).
+        domain: the domain name.
+        classes: every class name; a sample's ``cls`` indexes it. Empty for caption-only data.
+        templates: caption templates with a ``{label}`` field.
+        source: where the data came from.
+        splits: per split, ``{"classes", "counts", "num_samples", "shards"}``.
+    """
+    manifest = {"domain": domain, "labelled": bool(classes), "classes": classes, "templates": templates,
+                "source": source, "splits": splits}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def available_domains(root: str | Path) -> list[str]:
+    """Domains under ``root`` that have a manifest."""
+    root = Path(root)
+    return sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}")) if root.exists() else []
+
+
+def _read_local(root: str | Path, domain: str) -> dict:
+    """Read ``<root>/<domain>/manifest.json`` with an error that says how to make it."""
+    path = Path(root) / domain / MANIFEST
+    if not path.exists():
+        have = available_domains(root)
+        raise FileNotFoundError(
+            f"no manifest for domain {domain!r} at {path} (domains with shards: {have or 'none'}); "
+            f"write demo shards with `python -m metacontrastive prepare synthetic --domain {domain} --out {root}` "
+            f"or `make data DOMAINS={domain}`"
+        )
+    return json.loads(path.read_text())
+
+
+def split_urls(root: str | Path, domain: str, split: str, manifest: dict) -> list[str]:
+    """Local paths of one split's shards, as listed in the manifest."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"domain {domain!r} has no {split!r} split; it has {sorted(manifest['splits'])}")
+    return [str(Path(root) / domain / name) for name in manifest["splits"][split]["shards"]]
 
 
 @dataclass(frozen=True)
@@ -66,12 +125,12 @@ class DomainSplit:
 def manifest_url(spec: str) -> str:
     """The manifest beside the shards a spec names: the segment holding ``{split}``/``{shard}`` replaced."""
     if not _FIELD.search(spec):
-        raise ValueError(f"shard spec {spec!r} needs a {{split}} or {{shard}} field (see metacontrastive.data.sources)")
+        raise ValueError(f"shard spec {spec!r} needs a {{split}} or {{shard}} field (see metacontrastive.data.manifest)")
     return _FIELD.sub(MANIFEST, spec, count=1)
 
 
-def read_manifest(domain: str, root: str, urls: dict[str, str] | None) -> dict:
-    """Read a domain's manifest from its spec in ``urls`` or from ``root``.
+def read_manifest(domain: str, root: str | Path, urls: dict[str, str] | None = None) -> dict:
+    """Read a domain's manifest from its spec in ``urls`` or from ``root``: the one reader of manifests.
 
     Raises:
         ValueError: the domain is neither in ``urls`` nor a folder under ``root`` while other domains are
@@ -97,7 +156,7 @@ def read_manifest(domain: str, root: str, urls: dict[str, str] | None) -> dict:
             f"unknown domain {domain!r}: it is neither a folder under {root} nor a key of data.urls; available domains: "
             f"{have}. Write demo shards with `python -m metacontrastive prepare synthetic --domain {domain} --out {root}`"
         )
-    return load_manifest(root, domain)
+    return _read_local(root, domain)
 
 
 def _shard_urls(domain: str, split: str, manifest: dict, root: str, spec: str | None) -> list[str]:
