@@ -43,7 +43,7 @@ from tqdm import tqdm
 from metacontrastive.data.episodes import Task
 from metacontrastive.data.tasks import FixedEpisodes
 from metacontrastive.losses import contrastive_loss
-from metacontrastive.meta import TaskView, adapt_and_score
+from metacontrastive.meta import TaskView, adapt_and_score, class_means
 from metacontrastive.metrics import EpisodeMean, episode_scores
 from metacontrastive.models.clip import ProjectionHead
 
@@ -92,7 +92,7 @@ class Episode:
     Attributes:
         task: the task (images, labels, class prompts).
         h_image: (S + Q, F_I) frozen tower features of support then query images.
-        h_text: (N, F_T) tower features of the class prompts.
+        h_text: (N, F_T) tower features of the class prompts (averaged over a class's prompts).
         z_image: (S + Q, D) the model's un-adapted, domain-conditioned, normalised image embeddings.
         z_text: (N, D) the same for the class prompts.
         scale: the model's inverse temperature.
@@ -117,9 +117,11 @@ class Episode:
         if not task.labelled:
             raise ValueError(f"domain {task.domain!r}: few-shot evaluation needs labelled episodes, not caption tasks")
         with torch.no_grad():  # frozen features: no method differentiates into the towers (unless they adapt)
-            view = TaskView(module.model, task, row, module.towers_adapt)
-            h_image, h_text = view.features()  # (S + Q, F_I), (N, F_T)
-            z_image, z_text = module.model.embed(h_image, h_text, row)  # (S + Q, D), (N, D)
+            view = module.view_of(task, row)  # an unseen domain's row may become a blend of the known ones
+            h_image, h_text = view.features()  # (S + Q, F_I), (N * P, F_T): P prompts per class
+            h_text = h_text.view(len(task.classes), task.prompts, -1).mean(dim=1)  # (N, F_T)
+            z_image = module.model.embed_image(h_image, view.domain_row)  # (S + Q, D)
+            z_text = view.texts()  # (N, D), prompt ensembling when P > 1; no support prototypes: zero-shot
             scale = module.model.scale()
         return cls(task, h_image, h_text, z_image, z_text, scale, row, module, view)
 
@@ -137,16 +139,10 @@ class Episode:
         return rows[:n], rows[n:]
 
 
-def _class_means(x: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
-    """(ways, D) mean of the rows of each class."""
-    sums = torch.zeros(ways, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
-    return sums / torch.bincount(labels, minlength=ways).clamp(min=1)[:, None].to(x.dtype)
-
-
 def _pixels(ep: Episode, opts: EvalOptions) -> torch.Tensor:
     images = torch.cat([ep.task.support_images, ep.task.query_images])
     support, query = ep.split(images.flatten(1))  # (S, 3HW), (Q, 3HW)
-    prototypes = _class_means(support, ep.support_labels, ep.ways)
+    prototypes = class_means(support, ep.support_labels, ep.ways)
     return torch.cdist(query, prototypes).argmin(dim=1)
 
 
@@ -156,7 +152,7 @@ def _zero_shot(ep: Episode, opts: EvalOptions) -> torch.Tensor:
 
 def _prototype(ep: Episode, opts: EvalOptions) -> torch.Tensor:
     support, query = ep.split(ep.z_image)
-    prototypes = F.normalize(_class_means(support, ep.support_labels, ep.ways), dim=-1)  # (N, D)
+    prototypes = F.normalize(class_means(support, ep.support_labels, ep.ways), dim=-1)  # (N, D)
     return (query @ prototypes.t()).argmax(dim=1)
 
 
@@ -195,15 +191,15 @@ def _tip_adapter(ep: Episode, opts: EvalOptions) -> torch.Tensor:
 
 
 class _Embed(nn.Module):
-    """``model.embed`` for one domain row as a module's forward, so that ``functional_call`` can swap in
-    copies of its parts."""
+    """``model.embed`` as a module's forward, so that ``functional_call`` can swap in copies of its parts;
+    the conditioning vector is an input (each episode's own, under ``vmap``)."""
 
-    def __init__(self, model: nn.Module, row: int) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.row = model, row
+        self.model = model
 
-    def forward(self, h_image: torch.Tensor, h_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.embed(h_image, h_text, self.row)
+    def forward(self, h_image: torch.Tensor, h_text: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.embed(h_image, h_text, cond)
 
 
 class _FreshHeads(nn.Module):
@@ -279,14 +275,24 @@ def _projection(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
 def _finetune(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     first = episodes[0]
     model = first.module.model
-    net = _Embed(model, first.row)
+    net = _Embed(model)
     tuned = [(n, p) for n, p in net.named_parameters() if n.split(".")[1] in _FINETUNED and p.requires_grad]
     support, query = map(torch.stack, zip(*(ep.split(ep.h_image) for ep in episodes)))  # (B, S, F_I), (B, Q, F_I)
     texts = torch.stack([ep.h_text for ep in episodes])  # (B, N, F_T)
-    params = _train_copies(net, _copies(tuned, len(episodes)), (support, texts), model.scale().detach(),
+    conds = torch.stack([_conditioning(model, ep.view.domain_row) for ep in episodes]).to(support.device)  # (B, C)
+    params = _train_copies(net, _copies(tuned, len(episodes)), (support, texts, conds), model.scale().detach(),
                            first.support_labels, opts.finetune_steps, opts.finetune_lr)
     with torch.no_grad():
-        return _nearest_text(net, params, (query, texts))
+        return _nearest_text(net, params, (query, texts, conds))
+
+
+def _conditioning(model: nn.Module, row: int | torch.Tensor) -> torch.Tensor:
+    """The (C,) conditioning vector of a domain-table row (or the vector itself; a dummy without conditioning)."""
+    if torch.is_tensor(row) and row.is_floating_point():
+        return row.detach()
+    if model.domain is None:
+        return torch.zeros(1)  # no FiLM reads it
+    return model.domain.table.weight[row].detach()
 
 
 _FINETUNED = ("film_image", "film_text", "head_image", "head_text")  # what ``finetune`` trains, whatever the adapt scope

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -28,7 +29,7 @@ with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, whic
     from learn2learn.algorithms import MAML, MetaSGD
 
 __all__ = ["ADAPT_SCOPES", "ALGORITHMS", "AdaptScope", "Adapted", "Algorithm", "Rows", "TaskView", "adapt",
-           "adapt_and_score", "build_learner"]
+           "adapt_and_score", "blend_domains", "build_learner", "class_means"]
 
 ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "film": ("film_image", "film_text"),
@@ -100,6 +101,12 @@ def adapt(
     return losses
 
 
+def class_means(x: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """(classes, D) the mean of the rows of ``x`` (n, D) with each label (zeros for a label with no row)."""
+    sums = torch.zeros(classes, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, labels, x)
+    return sums / torch.bincount(labels, minlength=classes).clamp(min=1)[:, None].to(x.dtype)
+
+
 @dataclass(frozen=True)
 class Rows:
     """Some rows of a task: which images, their labels, and the texts those labels point at.
@@ -127,16 +134,24 @@ class TaskView:
     they run again for every set of fast weights. Everything downstream of the towers takes ``fast``,
     the adapted parts, or None for the model's own weights.
 
+    A label's embedding (what images are matched against) is the mean of its prompts' normalised embeddings
+    (prompt ensembling, when the task has several prompts per class), and, with ``prototype_weight``, moved
+    toward the normalised mean of its support images: c = normalise(t + beta * p). So the class prompts of
+    a labelled task start near its support images before any inner step.
+
     Args:
         model: the dual encoder.
         task: the task.
         domain_row: the row of the model's domain table that conditions this task (``unknown`` for
-            domains the model was not trained on, or under domain dropout).
+            domains the model was not trained on, or under domain dropout), or a (C,) conditioning vector.
         towers_adapt: the towers are fast weights (``adapt_scope=all``).
+        prototype_weight: beta, or None for prompts alone.
     """
 
-    def __init__(self, model: DomainConditionedCLIP, task: Task, domain_row: int, towers_adapt: bool = False) -> None:
+    def __init__(self, model: DomainConditionedCLIP, task: Task, domain_row: int, towers_adapt: bool = False,
+                 prototype_weight: torch.Tensor | None = None) -> None:
         self.model, self.task, self.domain_row, self.towers_adapt = model, task, domain_row, towers_adapt
+        self.prototype_weight = prototype_weight if task.labelled else None
         self.images = torch.cat([task.support_images, task.query_images])  # (S + Q, 3, H, W)
         n = len(task.support_images)
         self.support = Rows.of(slice(0, n), task.support_labels)
@@ -150,15 +165,53 @@ class TaskView:
             return self._features
         return self.model.features(self.images, self.task.texts, fast=fast)
 
+    def texts(self, fast: Parts | None = None) -> torch.Tensor:
+        """(L, D) one normalised text embedding per label: its prompts' embeddings averaged (prompt ensembling)."""
+        z_text = self.model.embed_text(self.features(fast)[1], self.domain_row, fast)  # (L * P, D)
+        prompts = self.task.prompts
+        if prompts == 1:
+            return z_text
+        return F.normalize(z_text.view(-1, prompts, z_text.shape[-1]).mean(dim=1), dim=-1)  # (L, D)
+
+    def labels(self, fast: Parts | None = None) -> torch.Tensor:
+        """(L, D) each label's embedding: its text embedding, moved toward its support prototype by beta."""
+        z_text = self.texts(fast)
+        if self.prototype_weight is None:
+            return z_text
+        z_support = self.model.embed_image(self.features(fast)[0][self.support.index], self.domain_row, fast)  # (S, D)
+        prototypes = F.normalize(class_means(z_support, self.support.labels, len(z_text)), dim=-1)  # (L, D)
+        return F.normalize(z_text + self.prototype_weight * prototypes, dim=-1)
+
     def embed(self, rows: Rows, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised image embeddings of ``rows`` (n, D) and of the texts they point at (m, D)."""
-        h_image, h_text = self.features(fast)
-        return self.model.embed(h_image[rows.index], h_text[rows.texts], self.domain_row, fast=fast)
+        """Normalised image embeddings of ``rows`` (n, D) and the embeddings of the labels they point at (m, D)."""
+        z_image = self.model.embed_image(self.features(fast)[0][rows.index], self.domain_row, fast)
+        return z_image, self.labels(fast)[rows.texts]
 
     def loss(self, rows: Rows, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The contrastive loss on ``rows`` and the embeddings it was computed from."""
         z_image, z_text = self.embed(rows, fast)
         return contrastive_loss(z_image, z_text, self.model.scale(), rows.labels, rows.texts), z_image, z_text
+
+
+def blend_domains(view: TaskView, rows: list[int]) -> torch.Tensor:
+    """Condition ``view`` on a blend of known domain embeddings (after FLUTE's blender, Triantafillou et al.
+    2021): each known domain weighted by how well its conditioning explains the support set,
+    w_d = softmax_d(-S * L_d), L_d the mean support loss under domain d and S the support size (so the
+    weights are a posterior over domains given the support labels). Sets ``view.domain_row`` to the
+    blended (C,) vector, the start of the inner loop.
+
+    Returns:
+        (len(rows),) the weights.
+    """
+    table = view.model.domain.table.weight  # (D + 1, C)
+    with torch.no_grad():
+        losses = []
+        for row in rows:
+            view.domain_row = row
+            losses.append(view.loss(view.support)[0])
+        weights = torch.softmax(-len(view.support.labels) * torch.stack(losses), dim=0)  # (len(rows),)
+    view.domain_row = weights @ table[rows]  # (C,)
+    return weights
 
 
 @dataclass

@@ -8,7 +8,10 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-__all__ = ["EpisodeMean", "episode_scores"]
+__all__ = ["COLLAPSE", "EpisodeMean", "collapse_signs", "episode_scores", "mean_cosine"]
+
+# a validation domain whose mean over episodes passes one of these is reported as collapsing
+COLLAPSE = {"label_cos": 0.95, "image_cos": 0.95, "constant": 0.5}
 
 
 def episode_scores(predictions: torch.Tensor, targets: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,6 +29,20 @@ def episode_scores(predictions: torch.Tensor, targets: torch.Tensor, ways: int) 
     accuracy = multiclass_accuracy(predictions, targets, num_classes=ways, average="micro")
     f1 = multiclass_f1_score(predictions, targets, num_classes=ways, average="macro")
     return accuracy, f1
+
+
+def mean_cosine(z: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between different rows of normalised embeddings z (n, D), n >= 2: near 1 when
+    they have collapsed onto one direction."""
+    n = len(z)
+    return ((z @ z.t()).sum() - z.pow(2).sum()) / (n * (n - 1))
+
+
+def collapse_signs(z_labels: torch.Tensor, z_query: torch.Tensor, predictions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-episode signs of collapse: ``label_cos`` (how alike the adapted class embeddings are), ``image_cos``
+    (how alike the query embeddings are) and ``constant`` (1 when every query got the same answer)."""
+    return {"label_cos": mean_cosine(z_labels), "image_cos": mean_cosine(z_query),
+            "constant": (predictions == predictions[0]).all().float()}
 
 
 class EpisodeMean(Metric):

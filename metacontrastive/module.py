@@ -17,17 +17,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from metacontrastive.data.episodes import Task
 from metacontrastive.losses import Alignment, alignment_loss
-from metacontrastive.meta import ADAPT_SCOPES, AdaptScope, Algorithm, TaskView, adapt_and_score, build_learner
-from metacontrastive.metrics import EpisodeMean, episode_scores
+from metacontrastive.meta import (
+    ADAPT_SCOPES, AdaptScope, Algorithm, TaskView, adapt_and_score, blend_domains, build_learner,
+)
+from metacontrastive.metrics import COLLAPSE, EpisodeMean, collapse_signs, episode_scores
 from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
 
 __all__ = ["MetaContrastiveModule", "TaskResult"]
@@ -45,12 +48,14 @@ class TaskResult:
         z_align: (Q, D) the query image embeddings the alignment term compares across domains.
         support_loss: the detached loss on the support set, before any inner step.
         predictions: (Q,) the nearest adapted class prompt of each query (labelled evaluation tasks only).
+        scores: per-episode accuracy, macro-F1 and signs of collapse (labelled evaluation tasks only).
     """
 
     loss: torch.Tensor
     z_align: torch.Tensor
     support_loss: torch.Tensor
     predictions: torch.Tensor | None = None
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MetaContrastiveModule(L.LightningModule):
@@ -71,7 +76,15 @@ class MetaContrastiveModule(L.LightningModule):
         align: alignment regulariser, a key of ``metacontrastive.losses.ALIGNMENTS``.
         align_weight: lambda; 0 turns alignment off.
         align_on: align ``adapted`` or ``base`` (un-adapted) query image embeddings.
+        align_warmup_steps: steps over which lambda ramps linearly from 0 to ``align_weight`` (0: none), so
+            that the regulariser acts on embeddings that already separate classes.
         domain_dropout: probability of replacing a training task's domain by ``unknown``.
+        unseen: how a domain the model was not trained on starts its inner loop at evaluation: the
+            ``unknown`` embedding (trained by domain dropout), or a ``blend`` of the known domains' embeddings
+            weighted by how well each explains the support set (``meta.blend_domains``).
+        prototype_prompts: beta's starting value: each label's embedding is its prompts' moved toward the
+            mean of its support images, normalise(t + beta * p), with beta learned in the outer loop (see
+            ``meta.TaskView``); None: prompts alone.
         lr: AdamW learning rate of the FiLM generators, heads and temperature (and of any group below
             left at None).
         tower_lr: learning rate of the towers.
@@ -95,7 +108,10 @@ class MetaContrastiveModule(L.LightningModule):
         align: Alignment = "mmd",
         align_weight: float = 0.1,
         align_on: Literal["adapted", "base"] = "adapted",
+        align_warmup_steps: int = 0,
         domain_dropout: float = 0.1,
+        unseen: Literal["unknown", "blend"] = "unknown",
+        prototype_prompts: float | None = None,
         lr: float = 2e-3,
         tower_lr: float | None = None,
         domain_lr: float | None = None,
@@ -120,6 +136,10 @@ class MetaContrastiveModule(L.LightningModule):
         if method != "dcmcl" and algorithm == "metasgd":  # no inner loop in training: the rates cannot learn
             self.inner_lrs.requires_grad_(False)
         self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]
+        if prototype_prompts is not None and prototype_prompts <= 0:
+            raise ValueError(f"model.prototype_prompts={prototype_prompts}: give beta's starting value, > 0, or null for none")
+        self.log_prototype_weight = (nn.Parameter(torch.tensor(math.log(prototype_prompts)))
+                                     if prototype_prompts is not None else None)
         self._rows = {name: i for i, name in enumerate(self.domains)}
         self.episode_scores = self._score_metrics({"val": self.domains, "test": self.domains})
 
@@ -131,6 +151,11 @@ class MetaContrastiveModule(L.LightningModule):
             self.episode_scores = self._score_metrics({s: datamodule.stage_domains[s] for s in ("val", "test")})
 
     @property
+    def prototype_weight(self) -> torch.Tensor | None:
+        """beta of ``prototype_prompts``, or None."""
+        return None if self.log_prototype_weight is None else self.log_prototype_weight.exp()
+
+    @property
     def eval_steps(self) -> int:
         """Inner-loop steps at validation, test and in ``metacontrastive.evaluation``."""
         hp = self.hparams
@@ -140,6 +165,14 @@ class MetaContrastiveModule(L.LightningModule):
         """The row of the model's domain table for a domain: its own, or ``unknown`` for one it was not trained on."""
         return self._rows.get(domain, self.model.unknown_domain)
 
+    def view_of(self, task: Task, row: int, train: bool = False) -> TaskView:
+        """The model's view of ``task`` conditioned on ``row``; outside training, an ``unknown`` row starts
+        from a blend of the known domains when ``unseen`` is ``blend``."""
+        view = TaskView(self.model, task, row, self.towers_adapt, self.prototype_weight)
+        if not train and row == self.model.unknown_domain and self.hparams.unseen == "blend" and self.model.domain is not None:
+            blend_domains(view, list(range(len(self.domains))))
+        return view
+
     # ------------------------------------------------------------------ the algorithm
     def task_step(self, task: Task, train: bool) -> TaskResult:
         """Adapt to one task's support set (unless plain training) and score its query set."""
@@ -147,7 +180,7 @@ class MetaContrastiveModule(L.LightningModule):
         row = self.domain_row(task.domain)
         if train and hp.domain_dropout > 0 and random.random() < hp.domain_dropout:
             row = self.model.unknown_domain
-        view = TaskView(self.model, task, row, self.towers_adapt)
+        view = self.view_of(task, row, train)
         if train and hp.method != "dcmcl":  # plain contrastive training on all pairs of the task
             loss, z_both, _ = view.loss(view.both)
             with torch.no_grad():
@@ -157,8 +190,12 @@ class MetaContrastiveModule(L.LightningModule):
                                   first_order=None if train else True)
         z_align = view.embed(view.query)[0] if hp.align_on == "base" and hp.align_weight > 0 else adapted.z_query
         support_loss = adapted.support_losses[0] if adapted.support_losses else adapted.loss.detach()
-        predictions = adapted.predictions() if task.labelled else None
-        return TaskResult(adapted.loss, z_align, support_loss, predictions)
+        if train or not task.labelled:
+            return TaskResult(adapted.loss, z_align, support_loss)
+        predictions = adapted.predictions()
+        accuracy, f1 = episode_scores(predictions, task.query_labels, len(task.classes))
+        scores = {"acc": accuracy, "f1": f1, **collapse_signs(adapted.z_text, adapted.z_query, predictions)}
+        return TaskResult(adapted.loss, z_align, support_loss, predictions, scores)
 
     def meta_step(self, batch: list[Task], stage: str) -> torch.Tensor:
         """The outer objective on a meta-batch: mean query loss + align_weight * R_align; logs per domain."""
@@ -168,7 +205,8 @@ class MetaContrastiveModule(L.LightningModule):
         z = torch.cat([r.z_align for r in results])  # (sum Q, D)
         ids = torch.cat([torch.full((len(r.z_align),), t.domain_id, device=z.device) for r, t in zip(results, batch)])
         align = alignment_loss(z, ids, hp.align) if hp.align_weight > 0 else z.new_zeros(())
-        loss = query_loss + hp.align_weight * align
+        ramp = min(1.0, (self.global_step + 1) / hp.align_warmup_steps) if train and hp.align_warmup_steps > 0 else 1.0
+        loss = query_loss + ramp * hp.align_weight * align
         if train and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"outer loss is {loss.item()} at step {self.global_step} (query {query_loss.item()}, align {align.item()}); "
@@ -181,14 +219,13 @@ class MetaContrastiveModule(L.LightningModule):
             mine = [r for r, t in zip(results, batch) if t.domain == name]
             self.log(f"{stage}/query_loss/{name}", torch.stack([r.loss for r in mine]).mean(), batch_size=len(mine))
             self.log(f"{stage}/support_loss/{name}", torch.stack([r.support_loss for r in mine]).mean(), batch_size=len(mine))
-        if not train:
-            for r, t in zip(results, batch):
-                if r.predictions is not None:
-                    accuracy, f1 = episode_scores(r.predictions, t.query_labels, len(t.classes))
-                    self.episode_scores[stage][t.domain]["acc"].update(accuracy)
-                    self.episode_scores[stage][t.domain]["f1"].update(f1)
+        for r, t in zip(results, batch):
+            for key, value in r.scores.items():
+                self.episode_scores[stage][t.domain][key].update(value)
         if train:
             self.log("train/logit_scale", self.model.scale(), batch_size=n)
+            if self.prototype_weight is not None:
+                self.log("train/prototype_weight", self.prototype_weight, batch_size=n)
         return loss
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -229,6 +266,14 @@ class MetaContrastiveModule(L.LightningModule):
                 if result["episodes"] == 0:
                     continue
                 # already reduced over ranks by the metric: identical everywhere, no sync_dist
+                if key in COLLAPSE:
+                    self.log(f"{stage}/collapse/{key}/{name}", result["mean"])
+                    if result["mean"] > COLLAPSE[key]:
+                        rank_zero_warn(f"{stage} domain {name!r} is collapsing: {key} = {float(result['mean']):.3f} > "
+                                       f"{COLLAPSE[key]} (label_cos: adapted class embeddings alike; image_cos: query "
+                                       "embeddings alike; constant: every query gets one answer); see "
+                                       f"{stage}/collapse/* in TensorBoard, and try a lower model.inner_lr or model.lr")
+                    continue
                 self.log(f"{stage}/{key}/{name}", result["mean"])
                 self.log(f"{stage}/{key}_ci95/{name}", result["ci95"])
                 if key == "acc":
@@ -238,8 +283,8 @@ class MetaContrastiveModule(L.LightningModule):
             self.log(f"{stage}/acc", torch.stack(means).mean(), prog_bar=True)
 
     def _score_metrics(self, stage_domains: dict[str, list[str]]) -> nn.ModuleDict:
-        return nn.ModuleDict({stage: nn.ModuleDict({name: nn.ModuleDict({"acc": EpisodeMean(), "f1": EpisodeMean()})
-                                                    for name in names})
+        keys = ("acc", "f1", *COLLAPSE)
+        return nn.ModuleDict({stage: nn.ModuleDict({name: nn.ModuleDict({k: EpisodeMean() for k in keys}) for name in names})
                               for stage, names in stage_domains.items()})
 
     def _check_grad_mode(self) -> None:

@@ -18,7 +18,7 @@ def _record(label, i, text=None, size=4):
 
 def test_make_task_orders_support_then_query_per_class():
     groups = [[_record(c, i) for i in range(5)] for c in (7, 3, 9)]
-    task = make_task("natural", 0, ["seven", "three", "nine"], groups, shots=2, template="a photo of a {label}")
+    task = make_task("natural", 0, ["seven", "three", "nine"], groups, shots=2, templates=["a photo of a {label}"])
     assert task.support_images.shape == (6, 3, 4, 4) and task.query_images.shape == (9, 3, 4, 4)
     assert task.support_labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert task.query_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

@@ -67,7 +67,7 @@ def test_domain_ten_times_larger_than_the_buffers_streams_with_bounded_memory(tm
     shuffle_buffer, reservoir = 16, 4
     bound = shuffle_buffer + reservoir * len(split.usable)  # 16 + 4 * 15 = 76 records
     assert split.num_samples >= 10 * bound
-    stream = DomainTaskStream(split, shape, StreamOptions(8, shuffle_buffer, reservoir, strict=False), seed=0)
+    stream = DomainTaskStream(split, shape, StreamOptions(8, shuffle_buffer, reservoir, strict=False, augment=(), prompts="one"), seed=0)
     assert stream.max_buffered == bound
     peak, tasks = 0, 0
     while stream.records.read < 2 * split.num_samples:  # two full passes over the domain

@@ -65,7 +65,7 @@ def test_tiny_towers_shapes_and_finite(size):
     assert torch.isfinite(h_image).all() and torch.isfinite(h_text).all()
 
 
-@pytest.mark.parametrize("name", ["tiny", "timm:resnet18", "timm:vit_tiny_patch16_224"])
+@pytest.mark.parametrize("name", ["tiny", "conv4", "resnet12", "timm:resnet18", "timm:vit_tiny_patch16_224"])
 def test_every_image_tower_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     tower = build_image_tower(name, image_size=32)
@@ -196,9 +196,9 @@ def test_projection_method_freezes_both_towers():
 
 
 # ------------------------------------------------------------------ names
-@pytest.mark.parametrize("name", ["vit", "timm", "timm:", "tiny:big", "hf:/some/folder", "minilm"])
+@pytest.mark.parametrize("name", ["vit", "timm", "timm:", "tiny:big", "conv4:wide", "hf:/some/folder", "minilm"])
 def test_unknown_image_tower_lists_the_known_forms(name):
-    with pytest.raises(ValueError, match=r"unknown image tower .*known forms: tiny, timm:<timm model name>, hf-clip:"):
+    with pytest.raises(ValueError, match=r"unknown image tower .*known forms: tiny, conv4, resnet12, timm:<timm model name>, hf-clip:"):
         build_image_tower(name)
 
 

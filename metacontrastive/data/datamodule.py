@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from metacontrastive.data.episodes import EpisodeShape
 from metacontrastive.data.manifest import ROOT, DomainSplit, domain_split, read_manifest
 from metacontrastive.data.tasks import (
-    DomainSampling, EvaluationPool, FixedEpisodes, Interleaved, MetaBatches, MetaBatchStream, StreamOptions,
+    DomainSampling, EvaluationPool, FixedEpisodes, Interleaved, MetaBatches, MetaBatchStream, Prompts, StreamOptions,
 )
 
 __all__ = ["EpisodicDataModule"]
@@ -65,6 +65,11 @@ class EpisodicDataModule(L.LightningDataModule):
         reservoir: records kept per class by the training sampler.
         eval_pool: records decoded per class of an evaluation split (caption-only: in total), the first
             in shard order; None: the whole split, so that episodes draw from all of it.
+        augment: domains whose training images are augmented: random resized crop, horizontal flip and
+            colour jitter (``episodes.augment``). Name only domains whose classes survive a crop and a
+            mirror image (the synthetic medical demo's left/right findings do not).
+        prompts: class prompts per class: ``one`` template (a random one per training task, the first for
+            evaluation) or ``all`` the domain's templates, their embeddings averaged (prompt ensembling).
         seed: seeds the training streams (mixed with rank, worker and epoch).
         eval_seed: seeds the fixed validation and test episodes (kept apart from ``seed`` so that runs
             with different training seeds are evaluated on the same episodes).
@@ -94,6 +99,8 @@ class EpisodicDataModule(L.LightningDataModule):
         shuffle_buffer: int = 500,
         reservoir: int = 40,
         eval_pool: int | None = None,
+        augment: list[str] = [],  # noqa: B006 - read-only default, shown by the CLI
+        prompts: Prompts = "one",
         seed: int = 0,
         eval_seed: int = 0,
         strict_decode: bool = False,
@@ -161,7 +168,8 @@ class EpisodicDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp, trainer = self.hparams, self.trainer
         rank, epoch = (trainer.global_rank, trainer.current_epoch) if trainer is not None else (0, 0)
-        options = StreamOptions(hp.image_size, hp.shuffle_buffer, hp.reservoir, hp.strict_decode)
+        options = StreamOptions(hp.image_size, hp.shuffle_buffer, hp.reservoir, hp.strict_decode, tuple(hp.augment),
+                                hp.prompts)
         stream = MetaBatchStream(self.split("train"), self.shape, hp.tasks_per_batch, hp.domain_sampling, hp.steps_per_epoch,
                                  options, hp.seed, rank, epoch)
         return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=hp.num_workers,
@@ -188,7 +196,7 @@ class EpisodicDataModule(L.LightningDataModule):
         hp = self.hparams
         count = count if count is not None else (hp.val_episodes if name == "val" else hp.test_episodes)
         return [FixedEpisodes(self.pool(split, name), dataclasses.replace(self.eval_shape_of(split), shots=k), count,
-                              hp.eval_seed)
+                              hp.eval_seed, hp.prompts)
                 for split in self.split(name) if split.labelled or not labelled_only
                 for k in (shots or [self.eval_shape.shots])]
 

@@ -8,6 +8,7 @@ captions, and identical captions share a label. The streams that feed them live 
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -18,24 +19,28 @@ import torch
 from metacontrastive.data.shards import Record
 
 __all__ = [
+    "AUGMENTATION",
     "CaptionSampler",
     "EpisodeSampler",
     "EpisodeShape",
     "Task",
     "episodes",
     "make_caption_task",
+    "augment",
     "make_task",
     "mix_seed",
 ]
 
+
 @dataclass
 class Task:
-    """One task T_i = (domain, support, query). Labels index ``texts``.
+    """One task T_i = (domain, support, query). Labels index the task's texts (in groups of ``prompts``).
 
-    For an N-way K-shot episode ``texts`` holds the N class prompts, ``support_labels`` (N*K,) and
+    For an N-way K-shot episode ``texts`` holds ``prompts`` class prompts per class, class by class (N * P
+    texts: prompt ensembling averages each class's P embeddings), ``support_labels`` (N*K,) and
     ``query_labels`` (N*Q,) take values in 0..N-1 and ``classes`` names the N classes. For a
     caption-only task ``texts`` holds the unique captions of support and query together, a label
-    indexes its pair's caption (identical captions share one) and ``classes`` is empty.
+    indexes its pair's caption (identical captions share one), ``prompts`` is 1 and ``classes`` is empty.
     """
 
     domain: str
@@ -46,6 +51,7 @@ class Task:
     query_images: torch.Tensor  # (Q, 3, H, W)
     query_labels: torch.Tensor  # (Q,)
     classes: list[str] = field(default_factory=list)
+    prompts: int = 1
 
     @property
     def labelled(self) -> bool:
@@ -92,17 +98,61 @@ def _stack(records: list[Record]) -> torch.Tensor:
     return torch.from_numpy(np.divide(pixels, np.float32(255.0), dtype=np.float32))
 
 
-def make_task(domain: str, domain_id: int, class_names: list[str], groups: list[list[Record]], shots: int, template: str) -> Task:
+def make_task(domain: str, domain_id: int, class_names: list[str], groups: list[list[Record]], shots: int,
+              templates: list[str]) -> Task:
     """Build a labelled task from ``groups[i]``, the records of class ``class_names[i]`` (every group the
-    same size): the first ``shots`` records of each class are the support set, the rest the query set."""
+    same size): the first ``shots`` records of each class are the support set, the rest the query set;
+    each class gets one prompt per template."""
     ways, queries = len(groups), len(groups[0]) - shots
     records = [r for g in groups for r in g[:shots]] + [r for g in groups for r in g[shots:]]
     images = _stack(records)  # (N*K + N*Q, 3, H, W), one conversion for the whole task
     support_labels = torch.arange(ways).repeat_interleave(shots)  # (N*K,)
     query_labels = torch.arange(ways).repeat_interleave(queries)  # (N*Q,)
-    texts = [template.format(label=name) for name in class_names]
+    texts = [template.format(label=name) for name in class_names for template in templates]  # class by class
     n = ways * shots
-    return Task(domain, domain_id, texts, images[:n], support_labels, images[n:], query_labels, list(class_names))
+    return Task(domain, domain_id, texts, images[:n], support_labels, images[n:], query_labels, list(class_names),
+                len(templates))
+
+
+AUGMENTATION = {"scale": (0.6, 1.0), "ratio": (3 / 4, 4 / 3), "flip": 0.5, "jitter": 0.4}
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Episodic data augmentation, a different draw per image: random resized crop (area ``scale`` of the
+    image, aspect ``ratio``), horizontal flip, and brightness, contrast and saturation jitter (factors in
+    1 +- ``jitter``), the strengths of ``AUGMENTATION``. One batched warp, so it costs little beside decoding.
+
+    Args:
+        images: (n, 3, H, W) float images in [0, 1].
+        generator: the random source (seeded by the task stream, so runs are reproducible).
+
+    Returns:
+        (n, 3, H, W) augmented images in [0, 1].
+    """
+    n = len(images)
+    a = AUGMENTATION
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    area = uniform(*a["scale"])
+    log_ratio = uniform(math.log(a["ratio"][0]), math.log(a["ratio"][1]))
+    width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop size as a fraction of the side
+    height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    centre_x, centre_y = (uniform(-1, 1) * (1 - width)), (uniform(-1, 1) * (1 - height))  # crop inside the image
+    flip = torch.where(torch.rand(n, generator=generator) < a["flip"], -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)  # (n, H, W, 2)
+    out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    j = a["jitter"]
+    out = out * uniform(1 - j, 1 + j)[:, None, None, None]  # brightness
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * uniform(1 - j, 1 + j)[:, None, None, None] + mean  # contrast
+    grey = out.mean(dim=1, keepdim=True)  # (n, 1, H, W)
+    out = (out - grey) * uniform(1 - j, 1 + j)[:, None, None, None] + grey  # saturation
+    return out.clamp(0.0, 1.0)
 
 
 def make_caption_task(domain: str, domain_id: int, records: list[Record], support_size: int) -> Task:

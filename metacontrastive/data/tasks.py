@@ -19,16 +19,20 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from metacontrastive.data.episodes import (
-    CaptionSampler, EpisodeSampler, EpisodeShape, Task, episodes, make_caption_task, make_task, mix_seed,
+    CaptionSampler, EpisodeSampler, EpisodeShape, Task, augment, episodes, make_caption_task, make_task, mix_seed,
 )
 from metacontrastive.data.manifest import DomainSplit
 from metacontrastive.data.shards import Record, RecordStream
 
 __all__ = [
     "DOMAIN_SAMPLING",
+    "PROMPTS",
+    "Prompts",
+    "class_templates",
     "DomainSampling",
     "DomainTaskStream",
     "EvaluationPool",
@@ -42,6 +46,16 @@ __all__ = [
 
 DOMAIN_SAMPLING = ("round_robin", "uniform", "proportional")
 DomainSampling = Literal[DOMAIN_SAMPLING]  # the allowed values, for LightningCLI, written once above
+PROMPTS = ("one", "all")
+Prompts = Literal[PROMPTS]
+
+
+def class_templates(split: DomainSplit, prompts: str, rng: random.Random | None = None) -> list[str]:
+    """The templates that turn a class of ``split`` into prompts: all of them (``all``: prompt ensembling), or
+    one (``one``): drawn from ``rng`` for a training task, the first for a fixed evaluation episode."""
+    if prompts == "all":
+        return list(split.templates)
+    return [rng.choice(split.templates) if rng is not None else split.templates[0]]
 
 
 @dataclass(frozen=True)
@@ -53,12 +67,16 @@ class StreamOptions:
         shuffle_buffer: raw samples held for shuffling.
         reservoir: records kept per class by the episode sampler.
         strict: raise on a corrupt sample instead of skipping it.
+        augment: domains whose training images are augmented (``episodes.augment``).
+        prompts: ``one`` template per class and task, or ``all`` of them (see ``class_templates``).
     """
 
     image_size: int
     shuffle_buffer: int
     reservoir: int
     strict: bool
+    augment: tuple[str, ...]
+    prompts: str
 
 
 class DomainTaskStream:
@@ -82,6 +100,8 @@ class DomainTaskStream:
                                     labels=set(split.usable) if split.labelled else None, strict=options.strict,
                                     where=f"domain {split.name!r} train")
         self._rng = random.Random(mix_seed(seed, 1))
+        self.prompts = options.prompts
+        self._augment = torch.Generator().manual_seed(mix_seed(seed, 2)) if split.name in options.augment else None
         if split.labelled:
             self.sampler: EpisodeSampler | CaptionSampler = EpisodeSampler(shape.ways, shape.per_class, options.reservoir,
                                                                            self._rng)
@@ -102,10 +122,16 @@ class DomainTaskStream:
     def __next__(self) -> Task:
         split = self.split
         if not split.labelled:
-            return make_caption_task(split.name, split.domain_id, next(self._draws), self.shape.support_size)
-        classes, groups = next(self._draws)
-        names = [split.classes[c] for c in classes]
-        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, self._rng.choice(split.templates))
+            task = make_caption_task(split.name, split.domain_id, next(self._draws), self.shape.support_size)
+        else:
+            classes, groups = next(self._draws)
+            names = [split.classes[c] for c in classes]
+            task = make_task(split.name, split.domain_id, names, groups, self.shape.shots,
+                             class_templates(split, self.prompts, self._rng))
+        if self._augment is not None:
+            task.support_images = augment(task.support_images, self._augment)
+            task.query_images = augment(task.query_images, self._augment)
+        return task
 
 
 def domain_schedule(mode: str, weights: Sequence[float], tasks: int, rng: random.Random, batch_index: int) -> list[int]:
@@ -232,10 +258,11 @@ class FixedEpisodes(Dataset):
         count: episodes to draw.
         seed: the evaluation seed; mixed with the domain name and the shape, so that the episodes of a
             domain do not depend on which other domains are evaluated beside it.
+        prompts: ``one`` (the first template) or ``all`` templates per class (see ``class_templates``).
     """
 
-    def __init__(self, pool: EvaluationPool, shape: EpisodeShape, count: int, seed: int) -> None:
-        self.pool, self.shape, self.split = pool, shape, pool.split
+    def __init__(self, pool: EvaluationPool, shape: EpisodeShape, count: int, seed: int, prompts: str = "one") -> None:
+        self.pool, self.shape, self.split, self.prompts = pool, shape, pool.split, prompts
         shape_key = (shape.ways, shape.shots, shape.queries, shape.support_size, shape.query_size)
         rng = random.Random(mix_seed(seed, zlib.crc32(self.split.name.encode()), *shape_key))
         self.draws: list[Draw] = [self._draw(rng) for _ in range(count)]
@@ -267,7 +294,7 @@ class FixedEpisodes(Dataset):
         if not split.labelled:
             return make_caption_task(split.name, split.domain_id, groups[0], self.shape.support_size)
         names = [split.classes[c] for c, _ in self.draws[i]]
-        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, split.templates[0])
+        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, class_templates(split, self.prompts))
 
 
 class Interleaved(Dataset):

@@ -17,6 +17,7 @@ from torch import nn
 
 from metacontrastive.models.conditioning import DomainEmbedding, FiLM
 from metacontrastive.models.towers import build_towers
+from metacontrastive.models.towers.base import parameter_device
 
 __all__ = ["DomainConditionedCLIP", "EncoderConfig", "ProjectionHead"]
 
@@ -95,6 +96,7 @@ class DomainConditionedCLIP(nn.Module):
         self.head_image = ProjectionHead(img_dim, config.hidden_dim, config.embed_dim)
         self.head_text = ProjectionHead(txt_dim, config.hidden_dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self._text_cache: dict[str, torch.Tensor] = {}  # prompt -> features of a frozen text tower
         self.max_log_scale = math.log(config.max_logit_scale)
 
     @property
@@ -111,7 +113,23 @@ class DomainConditionedCLIP(nn.Module):
         """Tower features h_I (B, F_I) and h_T (M, F_T)."""
         image_tower = self._part("image_tower", fast)
         text_tower = self._part("text_tower", fast)
-        return image_tower(images), text_tower(texts)
+        return image_tower(images), self._text_features(text_tower, texts)
+
+    def _text_features(self, tower: nn.Module, texts: list[str]) -> torch.Tensor:
+        """A frozen text tower maps a prompt to the same features every time, and the same prompts recur in
+        every episode of a domain: its features are computed once per prompt and kept (up to 65536)."""
+        if not getattr(tower, "frozen", False):
+            return tower(texts)
+        device = parameter_device(tower)
+        if next(iter(self._text_cache.values()), torch.empty(0, device=device)).device != device:
+            self._text_cache.clear()  # the model moved
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            if len(self._text_cache) + len(missing) > 65536:
+                self._text_cache.clear()
+            with torch.no_grad():
+                self._text_cache.update(zip(missing, tower(missing)))
+        return torch.stack([self._text_cache[t] for t in texts])  # (M, F_T)
 
     def embed_image(self, h_image: torch.Tensor, domain_id: int | torch.Tensor,
                     fast: Mapping[str, nn.Module] | None = None) -> torch.Tensor:
@@ -135,7 +153,8 @@ class DomainConditionedCLIP(nn.Module):
         Args:
             h_image: (B, F_I) image features.
             h_text: (M, F_T) text features.
-            domain_id: one domain id for all rows, or (B,) ids for images and texts alike when B == M.
+            domain_id: one domain id for all rows, (B,) ids for images and texts alike when B == M, or a
+                float (C,) conditioning vector (a blend of domain embeddings, ``meta.blend_domains``).
             fast: adapted replacements for parts of the model, by attribute name.
         """
         return self.embed_image(h_image, domain_id, fast), self.embed_text(h_text, domain_id, fast)
@@ -148,8 +167,11 @@ class DomainConditionedCLIP(nn.Module):
                fast: Mapping[str, nn.Module] | None) -> torch.Tensor:
         film = self._part(f"film_{modality}", fast)
         if film is not None:
-            ids = torch.as_tensor(domain_id, device=h.device).reshape(-1)
-            h = film(h, self._part("domain", fast)(ids))  # conditioning (1, C) or (B, C)
+            if torch.is_tensor(domain_id) and domain_id.is_floating_point():  # a conditioning vector itself (C,)
+                cond = domain_id
+            else:
+                cond = self._part("domain", fast)(torch.as_tensor(domain_id, device=h.device).reshape(-1))  # (1 or B, C)
+            h = film(h, cond)
         return F.normalize(self._part(f"head_{modality}", fast)(h), dim=-1)
 
     def forward(

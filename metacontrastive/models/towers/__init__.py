@@ -7,6 +7,7 @@ a ``list[str]``; both return (B, out_dim). timm and transformers are imported on
 needs them.
 """
 from metacontrastive.models.towers.base import Tower
+from metacontrastive.models.towers.fewshot import Conv4, ResNet12
 from metacontrastive.models.towers.factory import (
     IMAGE_TOWERS,
     TEXT_TOWERS,
@@ -24,7 +25,9 @@ __all__ = [
     "TEXT_TOWERS",
     "CLIPImageTower",
     "CLIPTextTower",
+    "Conv4",
     "HFTextTower",
+    "ResNet12",
     "TimmImageTower",
     "TinyImageTower",
     "TinyTextTower",

@@ -2,6 +2,7 @@
 
 Image towers:
     ``tiny``: ``TinyImageTower``, trained from scratch.
+    ``conv4``, ``resnet12``: the standard few-shot backbones (``fewshot.py``), trained from scratch.
     ``timm:<model>``: any timm model (``timm:resnet18``, ``timm:vit_tiny_patch16_224``), random
     initialisation or ``pretrained=<local weight file>``.
     ``hf-clip:<folder or hub id>``: the vision half of a ``transformers.CLIPModel``.
@@ -22,6 +23,7 @@ import os
 from torch import nn
 
 from metacontrastive.models.towers.base import Tower
+from metacontrastive.models.towers.fewshot import Conv4, ResNet12
 from metacontrastive.models.towers.hf_clip import clip_image_tower, clip_text_tower, load_clip
 from metacontrastive.models.towers.hf_text import hf_text_tower, minilm_path
 from metacontrastive.models.towers.timm_image import timm_image_tower
@@ -29,7 +31,7 @@ from metacontrastive.models.towers.tiny import TinyImageTower, TinyTextTower
 
 __all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "build_image_tower", "build_text_tower", "build_towers"]
 
-IMAGE_TOWERS = ("tiny", "timm:<timm model name>", "hf-clip:<folder or hub id>")
+IMAGE_TOWERS = ("tiny", "conv4", "resnet12", "timm:<timm model name>", "hf-clip:<folder or hub id>")
 TEXT_TOWERS = ("tiny", "minilm", "hf:<folder or hub id>", "hf-clip:<folder or hub id>")
 _CLIP_FOLDER = ("an hf-clip {which} tower needs a folder: hf-clip:/path/to/clip, a folder written by "
                 "CLIPModel.save_pretrained with its tokenizer (config.json, model.safetensors, vocab.json, "
@@ -97,6 +99,10 @@ def _image_tower(
         raise ValueError(f"pretrained={pretrained!r} applies to timm: towers; {name!r} takes its weights from its name")
     if kind == "tiny" and not arg:
         tower = TinyImageTower(image_size=image_size)
+    elif kind == "conv4" and not arg:
+        tower = Conv4(image_size=image_size)
+    elif kind == "resnet12" and not arg:
+        tower = ResNet12(image_size=image_size)
     elif kind == "timm" and arg:
         tower = timm_image_tower(arg, pretrained, image_size)
     elif kind == "hf-clip" and arg:
