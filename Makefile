@@ -12,6 +12,8 @@ DOMAINS ?= natural,medical
 CONFIG  ?= conf/default.yaml
 SHARDS  ?= data/shards
 ARGS    ?=
+RESUME  ?=
+RUN     ?=
 CKPT    ?= $(shell ls -t logs/*/version_*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 
 .PHONY: help install data train eval test test-fast tensorboard clean
@@ -48,8 +50,9 @@ MANIFESTS := $(foreach d,$(subst $(comma), ,$(DOMAINS)),$(SHARDS)/$(d)/manifest.
 $(SHARDS)/%/manifest.json: | install
 	$(PY) -m metacontrastive prepare synthetic --domain $* --out $(SHARDS)
 
-train: install $(MANIFESTS) ## Train DCMCL on DOMAINS with CONFIG; ARGS="--model.inner_lr=0.05 ..." overrides
-	$(PY) -m metacontrastive fit -c $(CONFIG) --data.domains=[$(DOMAINS)] --data.root=$(SHARDS) $(ARGS)
+train: install $(MANIFESTS) ## Train DCMCL on DOMAINS with CONFIG; RESUME=1 goes on with the newest (or RUN=name) run; ARGS=... overrides
+	$(PY) -m metacontrastive fit -c $(CONFIG) --data.domains=[$(DOMAINS)] --data.root=$(SHARDS) \
+	  $(if $(RUN),--run $(RUN)) $(if $(RESUME),--ckpt_path last) $(ARGS)
 
 eval: install ## Few-shot table of CKPT (default: the newest last.ckpt), every method; ARGS="--episodes 100 ..." overrides
 	@test -n "$(CKPT)" || { echo "make eval: no checkpoint under logs/; run 'make train' first or pass CKPT=path/to.ckpt"; exit 1; }

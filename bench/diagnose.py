@@ -1,7 +1,8 @@
 """Why a checkpoint adapts the way it does: what its text tower gives for the test classes, how far the inner
 loop moves the class prompts, and how its image features compare with pixels.
 
-For each test domain (the run's, or --domains), on --episodes fixed test episodes, it prints the mean of:
+For each test domain (the run's, or --domains), on --episodes fixed episodes of the test (or --split val)
+split, it prints the mean of:
 
 - ``h_text_cos`` / ``z_text_cos``: cosine between the class prompts of an episode, as tower features and as
   embeddings before adaptation (near 1: the text side cannot tell the classes apart);
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from metacontrastive.cli import run_folder
+from metacontrastive.runs import run_folder
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.evaluation import Episode, evaluate
 from metacontrastive.meta import adapt
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="the split whose episodes to use")
     parser.add_argument("--out", default=None, help="write diagnose.json here (default: beside the checkpoint)")
     args = parser.parse_args()
     ckpt = Path(args.ckpt)
@@ -76,11 +78,11 @@ def main() -> None:
     module = MetaContrastiveModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     domains = args.domains.split(",") if args.domains else (config.get("test_domains") or module.domains)
     datamodule = EpisodicDataModule(
-        domains=module.domains, root=args.root or config["root"], test_domains=domains, ways=args.ways,
+        domains=module.domains, root=args.root or config["root"], **{f"{args.split}_domains": domains}, ways=args.ways,
         shots=args.shots, queries=config["queries"], image_size=config["image_size"], prompts=config.get("prompts", "one"),
         reservoir=max(config["reservoir"], args.shots + config["queries"]))
     report = {}
-    for episodes in datamodule.episode_sets("test", count=args.episodes, labelled_only=True):
+    for episodes in datamodule.episode_sets(args.split, count=args.episodes, labelled_only=True):
         name = episodes.split.name
         row = module.domain_row(name)
         rows = [diagnose_task(module, Episode.of(module, task, row)) for task in episodes]

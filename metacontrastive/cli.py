@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -21,15 +22,23 @@ from metacontrastive.data.manifest import ROOT
 from metacontrastive.evaluation import METHODS, EvalOptions, evaluate
 from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import log_to_tensorboard, markdown_table, write_results
+from metacontrastive.runs import resolve_run, run_folder
 
 __all__ = ["MetaCLI", "evaluate_main", "main"]
 
 
 class MetaCLI(LightningCLI):
-    """LightningCLI with the data module's domains linked into the model."""
+    """LightningCLI with the data module's domains linked into the model, and run folders that a later
+    command can name or resume (``--run``, ``--ckpt_path last``: see ``metacontrastive.runs``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.domains", "model.domains")
+        parser.add_argument("--run", type=Optional[str], default=None,
+                            help="the run folder: a name under <save_dir>/<name>/ or a path (default: the next version_N)")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            resolve_run(self.config[self.subcommand], self.subcommand)
 
 
 def main(args: list[str] | None = None) -> MetaCLI:
@@ -81,11 +90,6 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--chunk", type=int, default=50, help="episodes scored together (memory vs speed)")
     return p
-
-
-def run_folder(ckpt: Path) -> Path:
-    """The run folder of a checkpoint: ``<run>/checkpoints/x.ckpt`` -> ``<run>``."""
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def evaluate_main(argv: list[str] | None = None) -> list:

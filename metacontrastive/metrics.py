@@ -10,8 +10,9 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 __all__ = ["COLLAPSE", "EpisodeMean", "collapse_signs", "episode_scores", "mean_cosine"]
 
-# a validation domain whose mean over episodes passes one of these is reported as collapsing
-COLLAPSE = {"label_cos": 0.95, "image_cos": 0.95, "constant": 0.5}
+# A validation domain whose mean over episodes passes one of these is reported as collapsing. Class embeddings
+# of a narrow domain sit close (0.95 and more with 2-way tasks) and still separate; at 0.99 they no longer do.
+COLLAPSE = {"label_cos": 0.99, "image_cos": 0.99, "constant": 0.5}
 
 
 def episode_scores(predictions: torch.Tensor, targets: torch.Tensor, ways: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,32 @@ __all__ = ["MetaContrastiveModule", "TaskResult"]
 _NO_DECAY = ("bias", "norm", "logit_scale", "embed", "domain", "position", "token")
 
 
+def _check_options(options: dict) -> None:
+    """Refuse settings that cannot mean anything, before any work starts, naming the option and its range."""
+    def refuse(name: str, why: str) -> None:
+        raise ValueError(f"model.{name}={options[name]!r}: {why}")
+
+    domains = options["domains"]
+    if not domains or len(set(domains)) != len(domains):
+        refuse("domains", "name at least one domain, each once")
+    if options["inner_steps"] < (1 if options["method"] == "dcmcl" else 0):
+        refuse("inner_steps", "the dcmcl method adapts on every support set: use 1 or more (method=contrastive "
+                              "trains without an inner loop)" if options["method"] == "dcmcl" else "use 0 or more")
+    if options["eval_inner_steps"] is not None and options["eval_inner_steps"] < 0:
+        refuse("eval_inner_steps", "use 0 or more (0 scores the meta-learned initialisation), or null for inner_steps")
+    for name in ("inner_lr", "lr"):
+        if not math.isfinite(options[name]) or options[name] <= 0:
+            refuse(name, "a learning rate must be a finite number above 0")
+    for name in ("tower_lr", "domain_lr", "metasgd_lr"):
+        if options[name] is not None and (not math.isfinite(options[name]) or options[name] <= 0):
+            refuse(name, "a learning rate must be a finite number above 0, or null for model.lr")
+    if not 0.0 <= options["domain_dropout"] <= 1.0:
+        refuse("domain_dropout", "a probability: use a value in [0, 1]")
+    for name in ("align_weight", "weight_decay", "warmup_steps", "align_warmup_steps"):
+        if options[name] < 0:
+            refuse(name, "use 0 or more")
+
+
 @dataclass
 class TaskResult:
     """One task's part of the outer objective.
@@ -92,6 +118,8 @@ class MetaContrastiveModule(L.LightningModule):
         metasgd_lr: learning rate of MetaSGD's per-parameter inner learning rates.
         weight_decay: AdamW weight decay (not on biases, norms, embeddings or the temperature).
         warmup_steps: linear warmup steps before the cosine decay.
+        nonfinite: what a non-finite training loss does: ``stop`` the run with the step and the loss terms,
+            or ``skip`` the step (no update; counted in ``train/nonfinite_skipped``; one device only).
     """
 
     def __init__(
@@ -118,8 +146,10 @@ class MetaContrastiveModule(L.LightningModule):
         metasgd_lr: float | None = None,
         weight_decay: float = 0.01,
         warmup_steps: int = 20,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
+        _check_options(locals())
         if isinstance(encoder, dict):  # as stored in a checkpoint's hyperparameters
             encoder = EncoderConfig(**encoder)
         self.save_hyperparameters(ignore=["encoder"])
@@ -142,6 +172,7 @@ class MetaContrastiveModule(L.LightningModule):
                                      if prototype_prompts is not None else None)
         self._rows = {name: i for i, name in enumerate(self.domains)}
         self.episode_scores = self._score_metrics({"val": self.domains, "test": self.domains})
+        self.nonfinite_skipped = 0
 
     def setup(self, stage: str) -> None:
         # validation and test may hold domains besides the training ones (evaluation-only domains); every
@@ -197,8 +228,9 @@ class MetaContrastiveModule(L.LightningModule):
         scores = {"acc": accuracy, "f1": f1, **collapse_signs(adapted.z_text, adapted.z_query, predictions)}
         return TaskResult(adapted.loss, z_align, support_loss, predictions, scores)
 
-    def meta_step(self, batch: list[Task], stage: str) -> torch.Tensor:
-        """The outer objective on a meta-batch: mean query loss + align_weight * R_align; logs per domain."""
+    def meta_step(self, batch: list[Task], stage: str) -> torch.Tensor | None:
+        """The outer objective on a meta-batch: mean query loss + align_weight * R_align; logs per domain.
+        None when a non-finite training loss is skipped (``nonfinite=skip``): Lightning then takes no step."""
         hp, train = self.hparams, stage == "train"
         results = [self.task_step(task, train) for task in batch]
         query_loss = torch.stack([r.loss for r in results]).mean()
@@ -208,10 +240,15 @@ class MetaContrastiveModule(L.LightningModule):
         ramp = min(1.0, (self.global_step + 1) / hp.align_warmup_steps) if train and hp.align_warmup_steps > 0 else 1.0
         loss = query_loss + ramp * hp.align_weight * align
         if train and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"outer loss is {loss.item()} at step {self.global_step} (query {query_loss.item()}, align {align.item()}); "
-                "lower model.lr or model.inner_lr, or check the shards for broken images"
-            )
+            message = (f"outer loss is {loss.item()} at step {self.global_step} (query {query_loss.item()}, "
+                       f"align {align.item()})")
+            if hp.nonfinite == "stop":
+                raise FloatingPointError(f"{message}; lower model.lr or model.inner_lr, check the shards for broken "
+                                         "images, or set model.nonfinite=skip to skip such steps")
+            self.nonfinite_skipped += 1
+            rank_zero_warn(f"{message}: step skipped, no update ({self.nonfinite_skipped} skipped so far)")
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=len(batch))
+            return None
         n = len(batch)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n)
         self.log(f"{stage}/align", align, batch_size=n)
@@ -229,8 +266,19 @@ class MetaContrastiveModule(L.LightningModule):
         return loss
 
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: list[Task], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: list[Task], batch_idx: int) -> torch.Tensor | None:
         return self.meta_step(batch, "train")
+
+    def on_fit_start(self) -> None:
+        if self.hparams.nonfinite == "skip" and self.trainer.world_size > 1:
+            raise ValueError("model.nonfinite=skip skips a step on one rank only, which stalls the others under DDP; "
+                             "use model.nonfinite=stop with several devices")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # A run whose max_steps ends mid-epoch would stop without validating; asking to stop at the
@@ -268,7 +316,7 @@ class MetaContrastiveModule(L.LightningModule):
                 # already reduced over ranks by the metric: identical everywhere, no sync_dist
                 if key in COLLAPSE:
                     self.log(f"{stage}/collapse/{key}/{name}", result["mean"])
-                    if result["mean"] > COLLAPSE[key]:
+                    if result["mean"] > COLLAPSE[key] and not self.trainer.sanity_checking:
                         rank_zero_warn(f"{stage} domain {name!r} is collapsing: {key} = {float(result['mean']):.3f} > "
                                        f"{COLLAPSE[key]} (label_cos: adapted class embeddings alike; image_cos: query "
                                        "embeddings alike; constant: every query gets one answer); see "

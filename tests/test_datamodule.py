@@ -43,7 +43,7 @@ def test_a_stream_goes_on_across_epochs(shard_root, small, fingerprint):
 def test_two_ranks_with_two_workers_never_share_an_episode(shard_root, small, fingerprint, batches):
     def rank_episodes(rank):
         dm = EpisodicDataModule(root=str(shard_root), num_workers=2, **{**small, "steps_per_epoch": 6})
-        dm.trainer = SimpleNamespace(global_rank=rank, current_epoch=0)  # the rank comes from the trainer
+        dm.trainer = SimpleNamespace(global_rank=rank, current_epoch=0, global_step=0)  # the rank comes from the trainer
         loader = dm.train_dataloader()
         assert isinstance(loader.dataset, MetaBatchStream) and loader.dataset.rank == rank
         batches = list(loader)

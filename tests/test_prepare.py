@@ -281,15 +281,21 @@ def test_missing_root_and_empty_class_folder(tmp_path):
         main(["imagefolder", str(src), "--domain", "d", "--out", str(tmp_path / "shards")])
 
 
-def test_unreadable_images_are_skipped_counted_or_raise_when_strict(tmp_path, caplog):
+def test_unreadable_images_are_skipped_named_or_raise_when_strict(tmp_path, caplog, capsys):
     src = _folder(tmp_path / "src")
     (src / "bee" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     _image(src / "cat" / "cut.jpg", seed=1).write_bytes((src / "cat" / "cut.jpg").read_bytes()[:200])
     items = read_imagefolder(src)
     with caplog.at_level(logging.WARNING):
         summary = write_domain(items, "d", tmp_path / "shards", source="t")
-    assert sorted(summary.skipped) == ["bee/broken.png", "cat/cut.jpg"] and sum(summary.samples.values()) == 20
-    assert "skipped 2 unreadable images" in caplog.text
+    assert sorted(line.split("\t")[0] for line in summary.skipped) == ["bee/broken.png", "cat/cut.jpg"]
+    assert sum(summary.samples.values()) == 20
+    assert "skipped 2 unreadable images" in caplog.text and "bee/broken.png" in caplog.text
+    listed = (tmp_path / "shards" / "d" / "skipped.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == ["bee/broken.png", "cat/cut.jpg"]
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in listed)  # each with its error
+    main(["imagefolder", str(src), "--domain", "f", "--out", str(tmp_path / "shards")])
+    assert "skipped 2, listed in" in capsys.readouterr().out
     with pytest.raises(ValueError, match="cannot read image"):
         write_domain(items, "e", tmp_path / "shards", source="t", strict=True)
     assert not (tmp_path / "shards" / "e").exists()

@@ -146,7 +146,7 @@ def test_fit_validates_on_a_subset_of_domains(tmp_path):
 
 
 def test_stage_domain_lists_must_be_distinct_and_non_empty():
-    with pytest.raises(ValueError, match="test_domains must be distinct"):
+    with pytest.raises(ValueError, match=r"data.test_domains=\['natural', 'natural'\]: name at least one domain, each once"):
         EpisodicDataModule(test_domains=["natural", "natural"])
-    with pytest.raises(ValueError, match="val_domains must be distinct and non-empty"):
+    with pytest.raises(ValueError, match=r"data.val_domains=\[\]: name at least one domain"):
         EpisodicDataModule(val_domains=[])

@@ -1,10 +1,12 @@
 """ScalingCallback: throughput per device and in total, the step split into waiting for data and computing,
-peak memory and world size; a summary at the end of ``fit``.
+peak memory and world size, and the samples the data pipeline dropped; a summary at the end of ``fit``.
 
 The step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (compute: forward, backward,
 optimiser) and the wait from the previous ``on_train_batch_end`` to this ``on_train_batch_start``
 (fetching the next meta-batch, plus Lightning's own bookkeeping); gaps that hold a validation run are
-left out. Logged every ``log_every_n_steps`` steps as ``scaling/*``.
+left out. Logged every ``log_every_n_steps`` steps as ``scaling/*``, with the data module's dropped samples
+(``data/dropped/<domain>`` and ``data/dropped/<domain>/<reason>``: undecodable images, samples without an
+image, caption or label, unreadable shards) when it counts them.
 """
 from __future__ import annotations
 
@@ -67,8 +69,20 @@ class ScalingCallback(Callback):
                 self._total[key] += value
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if self._window["steps"] >= every:
-            pl_module.log_dict(self._metrics(self._window, trainer, pl_module), rank_zero_only=True)
+            pl_module.log_dict({**self._metrics(self._window, trainer, pl_module), **self._dropped(trainer)},
+                               rank_zero_only=True)
             self._window = self._zero()
+
+    @staticmethod
+    def _dropped(trainer: L.Trainer) -> dict[str, float]:
+        dropped = getattr(trainer.datamodule, "dropped", None)
+        if dropped is None:
+            return {}
+        out = {}
+        for domain, reasons in dropped().items():
+            out[f"data/dropped/{domain}"] = float(sum(reasons.values()))
+            out.update({f"data/dropped/{domain}/{reason}": float(n) for reason, n in reasons.items()})
+        return out
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_end = None  # the next gap holds this validation run, not data loading

@@ -13,10 +13,12 @@ import dataclasses
 import logging
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
-from metacontrastive.data.episodes import EpisodeShape
+from metacontrastive.data.episodes import EpisodeShape, mix_seed
 from metacontrastive.data.manifest import ROOT, DomainSplit, domain_split, read_manifest
+from metacontrastive.data.shards import DROP_REASONS
 from metacontrastive.data.tasks import (
     DomainSampling, EvaluationPool, FixedEpisodes, Interleaved, MetaBatches, MetaBatchStream, Prompts, StreamOptions,
 )
@@ -28,6 +30,27 @@ log = logging.getLogger(__name__)
 
 def _identity(batch):
     return batch
+
+
+def _check_options(options: dict) -> None:
+    """Refuse settings that cannot mean anything, before any work starts, naming the option and its range."""
+    def refuse(name: str, why: str) -> None:
+        raise ValueError(f"data.{name}={options[name]!r}: {why}")
+
+    for name in ("domains", "val_domains", "test_domains"):
+        names = options[name]
+        if names is not None and (not names or len(set(names)) != len(names)):
+            refuse(name, "name at least one domain, each once")
+    for name, low in (("tasks_per_batch", 1), ("steps_per_epoch", 1), ("val_episodes", 1), ("test_episodes", 1),
+                      ("image_size", 8), ("num_workers", 0), ("shuffle_buffer", 0), ("reservoir", 1)):
+        if options[name] < low:
+            refuse(name, f"use {low} or more")
+    for name in ("eval_ways", "eval_pool", "support_size", "query_size"):
+        if options[name] is not None and options[name] < (2 if name == "eval_ways" else 1):
+            refuse(name, f"use {2 if name == 'eval_ways' else 1} or more, or null for the default")
+    unknown = sorted(set(options["augment"]) - set(options["domains"]))
+    if unknown:
+        refuse("augment", f"augmentation applies to training domains; {unknown} is not among data.domains")
 
 
 class EpisodicDataModule(L.LightningDataModule):
@@ -107,9 +130,7 @@ class EpisodicDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for what, names in (("domains", domains), ("val_domains", val_domains), ("test_domains", test_domains)):
-            if names is not None and (len(set(names)) != len(names) or not names):
-                raise ValueError(f"{what} must be distinct and non-empty, got {names}")
+        _check_options(locals())
         if len(domains) > 1 and tasks_per_batch < 2:
             raise ValueError(f"tasks_per_batch={tasks_per_batch} cannot mix {len(domains)} domains in a meta-batch; "
                              "the alignment term needs tasks from two domains")
@@ -127,6 +148,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.manifests: dict[str, dict] = {}
         self.splits: dict[str, list[DomainSplit]] = {}
         self._pools: dict[tuple[str, str], EvaluationPool] = {}
+        self._dropped: torch.Tensor | None = None  # (workers, training domains, reasons), shared with the workers
         self._fixed_sets: dict[str, Interleaved] = {}
 
     @property
@@ -167,13 +189,40 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp, trainer = self.hparams, self.trainer
-        rank, epoch = (trainer.global_rank, trainer.current_epoch) if trainer is not None else (0, 0)
+        rank, epoch, step = (trainer.global_rank, trainer.current_epoch, trainer.global_step) if trainer else (0, 0, 0)
         options = StreamOptions(hp.image_size, hp.shuffle_buffer, hp.reservoir, hp.strict_decode, tuple(hp.augment),
                                 hp.prompts)
-        stream = MetaBatchStream(self.split("train"), self.shape, hp.tasks_per_batch, hp.domain_sampling, hp.steps_per_epoch,
-                                 options, hp.seed, rank, epoch)
+        # A resumed run (step > 0) seeds its streams with the step it resumes at as well: fresh episodes, never
+        # the ones the interrupted run already trained on in this epoch (a fresh run's seeds are unchanged).
+        seed = mix_seed(hp.seed, step) if step > 0 else hp.seed
+        splits = self.split("train")
+        self._dropped = torch.zeros(max(hp.num_workers, 1), len(splits), len(DROP_REASONS), dtype=torch.long).share_memory_()
+        stream = MetaBatchStream(splits, self.shape, hp.tasks_per_batch, hp.domain_sampling, hp.steps_per_epoch,
+                                 options, seed, rank, epoch, self._dropped)
         return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=hp.num_workers,
                           persistent_workers=hp.num_workers > 0)
+
+    def dropped(self) -> dict[str, dict[str, int]]:
+        """Samples dropped so far on this rank, by domain and reason (``shards.DROP_REASONS``): the training
+        streams (every worker's) and the evaluation pools."""
+        out: dict[str, dict[str, int]] = {}
+        if self._dropped is not None:
+            for split, counts in zip(self.split("train"), self._dropped.sum(dim=0).tolist()):
+                out[split.name] = {r: n for r, n in zip(DROP_REASONS, counts) if n}
+        for (domain, _), pool in self._pools.items():
+            for reason, n in pool.skips.by_reason().items():
+                out.setdefault(domain, {})[reason] = out.get(domain, {}).get(reason, 0) + n
+        return out
+
+    def state_dict(self) -> dict:
+        """What a resumed run checks: the training stream depends on the seed and the worker count."""
+        return {"seed": self.hparams.seed, "num_workers": self.hparams.num_workers}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_workers"):
+            if key in state and state[key] != self.hparams[key]:
+                log.warning("resuming with data.%s=%s where the checkpoint's run had %s: the training episodes from "
+                            "here on differ from the ones that run would have drawn", key, self.hparams[key], state[key])
 
     def pool(self, split: DomainSplit, name: str) -> EvaluationPool:
         """The decoded ``name`` split of one domain, decoded once."""

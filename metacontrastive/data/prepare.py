@@ -48,12 +48,14 @@ __all__ = ["DEFAULT_TEMPLATE", "Summary", "build_parser", "main", "write_domain"
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "a photo of a {label}"
+SKIPPED = "skipped.txt"  # beside the shards: the source files a conversion could not read, with their errors
 _UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # missing, truncated or not an image
 
 
 @dataclass
 class Summary:
-    """What ``write_domain`` wrote: samples and classes per split, and the unreadable images it skipped."""
+    """What ``write_domain`` wrote: samples and classes per split, and the unreadable images it skipped
+    (each ``origin<TAB>error``)."""
 
     path: Path
     samples: dict[str, int]
@@ -82,7 +84,8 @@ def write_domain(
 
     Labelled items are split by class (``class_lists`` if given, else ``class_fractions`` with ``seed``),
     caption-only items by image (``image_fractions``). Each split is shuffled with ``seed`` so that every
-    shard mixes classes. Unreadable images are skipped and counted (``strict``: raise instead).
+    shard mixes classes. Unreadable images are skipped and counted, and named with their error in
+    ``<out>/<domain>/skipped.txt`` (``strict``: raise instead).
 
     Args:
         items: from a ``read_*`` function; all labelled or all caption-only.
@@ -123,14 +126,17 @@ def write_domain(
             except _UNREADABLE as err:
                 if strict:
                     raise ValueError(f"cannot read image {item.origin}: {err}") from err
-                skipped.append(item.origin)
+                skipped.append(f"{item.origin}\t{err}")
                 continue
             caption = item.captions[0] if item.captions else rng.choice(templates).format(label=item.label)
             extra = {"origin": item.origin, **({"captions": item.captions} if len(item.captions) > 1 else {})}
             writer.write(split, f"{domain}-{n:07d}", image, caption, index.get(item.label), extra)
+        if skipped:
+            writer.note(SKIPPED, "\n".join(skipped) + "\n")
     if skipped:
-        log.warning("domain %r: skipped %d unreadable images (e.g. %s); pass --strict to stop at the first",
-                    domain, len(skipped), ", ".join(skipped[:3]))
+        log.warning("domain %r: skipped %d unreadable images, each named with its error in %s (e.g. %s); pass --strict "
+                    "to stop at the first", domain, len(skipped), Path(out) / domain / SKIPPED,
+                    ", ".join(line.split("\t")[0] for line in skipped[:3]))
     return Summary(Path(out) / domain, {s: sum(c.values()) for s, c in writer.counts.items()},
                    {s: sum(name is not None for name in c) for s, c in writer.counts.items()}, skipped)
 
@@ -314,7 +320,8 @@ def _convert(args: argparse.Namespace) -> None:
     )
     splits = ", ".join(f"{s} {n} samples" + (f" / {summary.classes[s]} classes" if summary.classes[s] else "")
                        for s, n in summary.samples.items())
-    print(f"{args.domain}: wrote {summary.path} ({splits}; skipped {len(summary.skipped)}) "
+    skipped = f"; skipped {len(summary.skipped)}, listed in {summary.path / SKIPPED}" if summary.skipped else ""
+    print(f"{args.domain}: wrote {summary.path} ({splits}{skipped}) "
           f"in {time.perf_counter() - start:.1f}s")
 
 

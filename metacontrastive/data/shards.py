@@ -31,12 +31,13 @@ from webdataset.tariterators import tarfile_samples
 
 from metacontrastive.data.manifest import MANIFEST, SPLITS, write_manifest
 
-__all__ = ["SHARD_SIZE", "DomainWriter", "Record", "RecordStream", "SkipCounter", "decode_record", "sample_label"]
+__all__ = ["DROP_REASONS", "SHARD_SIZE", "DomainWriter", "Record", "RecordStream", "SkipCounter", "decode_record", "sample_label"]
 
 log = logging.getLogger(__name__)
 
 SHARD_SIZE = 1000  # samples per shard unless a command says otherwise
 IMAGE_KEYS = ("png", "jpg", "jpeg")
+_OWNER = ".writer-pid"  # in a staging folder: the process writing it
 
 
 def _encode_image(image: Image.Image, fmt: str) -> bytes:
@@ -89,9 +90,25 @@ class DomainWriter:
 
     def __enter__(self) -> "DomainWriter":
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_staging()
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.domain}.partial-", dir=self.root))
         self.staging.chmod(0o755)  # mkdtemp makes it private; shards are meant to be shared
+        (self.staging / _OWNER).write_text(str(os.getpid()))
         return self
+
+    def _remove_stale_staging(self) -> None:
+        """Remove staging folders of this domain left by a writer that was killed (its process is gone)."""
+        for folder in self.root.glob(f".{self.domain}.partial-*"):
+            try:
+                os.kill(int((folder / _OWNER).read_text()), 0)  # signal 0: does that process still exist?
+                continue  # a writer of the same domain is at work: leave its folder alone
+            except (OSError, ValueError):  # no such process, no owner file, or an unreadable one
+                shutil.rmtree(folder, ignore_errors=True)
+                log.warning("removed %s, left by an interrupted write of domain %r", folder, self.domain)
+
+    def note(self, name: str, text: str) -> None:
+        """Write a text file beside the shards (e.g. the list of skipped source files)."""
+        (self.staging / name).write_text(text)
 
     def write(self, split: str, key: str, image: Image.Image | bytes, caption: str, label: int | None = None,
               extra: dict | None = None) -> None:
@@ -131,6 +148,7 @@ class DomainWriter:
             writer.close()
         try:
             if exc_type is None:
+                (self.staging / _OWNER).unlink()
                 self._write_manifest()
                 if self.final.exists():
                     shutil.rmtree(self.final)
@@ -187,27 +205,57 @@ def decode_record(sample: dict, image_size: int) -> Record:
     return Record(pixels, text.decode() if isinstance(text, bytes) else text, sample_label(sample), sample["__key__"])
 
 
-class SkipCounter:
-    """A WebDataset error handler that skips and counts, or raises when ``strict``.
+DROP_REASONS = ("unreadable shard", "no image", "no caption", "no label", "bad label", "undecodable image")
 
-    It serves both the tar reader (an unreadable shard or member: the rest of that shard is skipped)
-    and the decoder (one undecodable sample). It logs the first ten skips, then every power of two, so
-    a resampled stream that meets the same broken sample on every pass does not flood the log.
+
+class SkipCounter:
+    """Counts what a stream drops, by reason, or raises when ``strict``.
+
+    It is the tar reader's error handler (an unreadable or truncated shard: the rest of it is lost; the
+    shard's URL is named) and the record stream's account of samples without an image, a caption or a
+    label, and of images that do not decode (the sample's key is named). It logs the first ten drops, then
+    every power of two, so a resampled stream that meets the same broken sample on every pass does not
+    flood the log.
 
     Args:
         where: names the stream in log lines.
-        strict: raise the error instead of skipping.
+        strict: raise instead of dropping.
+        counts: (len(DROP_REASONS),) counters to add to; may live in shared memory, so that the training
+            streams of DataLoader workers report to the main process. Default: private ones.
+
+    Attributes:
+        examples: the first few keys or URLs dropped, by reason.
     """
 
-    def __init__(self, where: str, strict: bool = False) -> None:
-        self.where, self.strict, self.count = where, strict, 0
+    def __init__(self, where: str, strict: bool = False, counts: torch.Tensor | None = None) -> None:
+        self.where, self.strict = where, strict
+        self.counts = counts if counts is not None else torch.zeros(len(DROP_REASONS), dtype=torch.long)
+        self.examples: dict[str, list[str]] = {}
+
+    @property
+    def count(self) -> int:
+        return int(self.counts.sum())
+
+    def by_reason(self) -> dict[str, int]:
+        return {reason: int(n) for reason, n in zip(DROP_REASONS, self.counts.tolist()) if n}
 
     def __call__(self, exn: Exception) -> bool:
+        """The tar reader's handler: an unreadable shard (webdataset puts its URL in the error's arguments)."""
+        url = next((a for a in reversed(exn.args) if isinstance(a, str) and ("/" in a or ".tar" in a)), "?")
+        return self.drop("unreadable shard", url, exn)
+
+    def drop(self, reason: str, what: str, exn: Exception | None = None) -> bool:
+        """Count one dropped sample (or shard) ``what`` for ``reason``, or raise when strict."""
         if self.strict:
-            raise exn
-        self.count += 1
-        if self.count <= 10 or self.count & (self.count - 1) == 0:
-            log.warning("%s: skipped a corrupt sample or shard (%d skipped so far): %r", self.where, self.count, exn)
+            raise exn if exn is not None else ValueError(f"{self.where}: {what}: {reason}")
+        self.counts[DROP_REASONS.index(reason)] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < 5:
+            examples.append(what)
+        n = self.count
+        if n <= 10 or n & (n - 1) == 0:
+            log.warning("%s: dropped %s (%s%s); %d dropped so far: %s", self.where, what, reason,
+                        f": {exn!r}" if exn is not None else "", n, self.by_reason())
         return True
 
 
@@ -228,6 +276,9 @@ class RecordStream:
         labels: class ids to keep (None: keep every sample).
         strict: raise on a corrupt sample or shard instead of skipping it.
         where: names the stream in log lines and errors.
+        expected: samples the shards hold (the manifest's count for the split): after every full pass the
+            stream compares what it read with it and warns (strict: raises) when shards lost samples.
+        counts: counters for ``SkipCounter`` (shared memory for DataLoader workers).
 
     Attributes:
         read: raw samples read from the shards so far.
@@ -235,12 +286,14 @@ class RecordStream:
     """
 
     def __init__(self, urls: list[str], image_size: int, seed: int, resampled: bool, shuffle_buffer: int = 0,
-                 labels: set[int] | None = None, strict: bool = False, where: str = "shards") -> None:
+                 labels: set[int] | None = None, strict: bool = False, where: str = "shards",
+                 expected: int | None = None, counts: torch.Tensor | None = None) -> None:
         if not urls:
             raise ValueError(f"{where}: no shard URLs to stream")
         self.urls, self.image_size, self.seed, self.resampled = list(urls), image_size, seed, resampled
         self.shuffle_buffer, self.labels, self.where = shuffle_buffer, labels, where
-        self.skips = SkipCounter(where, strict)
+        self.skips = SkipCounter(where, strict, counts)
+        self.strict, self.expected, self._warned_short = strict, expected, False
         self.read = 0
         self._buffer: list[dict] = []
 
@@ -252,34 +305,61 @@ class RecordStream:
     def __iter__(self) -> Iterator[Record]:
         rng = random.Random(self.seed)
         for sample in self._shuffled(self._kept(rng), rng):
+            key = str(sample.get("__key__"))
+            if not any(k in sample for k in IMAGE_KEYS):
+                self.skips.drop("no image", key)
+                continue
+            if "txt" not in sample:
+                self.skips.drop("no caption", key)
+                continue
             try:
                 record = decode_record(sample, self.image_size)
-            except Exception as exn:  # noqa: BLE001 - any decoder error is a corrupt sample
-                self.skips(exn)
+            except Exception as exn:  # noqa: BLE001 - any decoder error is a corrupt image
+                self.skips.drop("undecodable image", key, exn)
                 continue
             yield record
 
     def _shards(self, rng: random.Random) -> Iterator[dict]:
-        if not self.resampled:
-            yield from ({"url": url} for url in self.urls)
-            return
+        # the tar reader asks for the next shard once it has read every sample of the last: when a pass ends
+        # here, ``read`` holds all it read
         while True:
             before = self.read
-            for url in rng.sample(self.urls, len(self.urls)):
-                yield {"url": url}
+            yield from ({"url": url} for url in (rng.sample(self.urls, len(self.urls)) if self.resampled else self.urls))
+            self._check_pass(self.read - before)
+            if not self.resampled:
+                return
             if self.read == before:  # else an unreadable data set would spin forever
                 raise RuntimeError(f"{self.where}: a full pass over {len(self.urls)} shards read no sample "
-                                   f"({self.skips.count} skipped); first shard: {self.urls[0]}")
+                                   f"({self.skips.count} dropped: {self.skips.by_reason()}); first shard: {self.urls[0]}")
+
+    def _check_pass(self, read: int) -> None:
+        """Compare one full pass with the manifest's count: lost samples warn (once), or raise when strict."""
+        if self.expected is None or read >= self.expected:
+            return
+        message = (f"{self.where}: a full pass over the shards read {read} of the {self.expected} samples the manifest "
+                   f"lists ({self.expected - read} lost to truncated or unreadable shards; dropped: {self.skips.by_reason()}"
+                   f", e.g. {self.skips.examples.get('unreadable shard', [])[:2]})")
+        if self.strict:
+            raise RuntimeError(message + "; rewrite the shards, or drop strict_decode to go on without them")
+        if not self._warned_short:
+            log.warning(message)
+            self._warned_short = True
 
     def _kept(self, rng: random.Random) -> Iterator[dict]:
         for sample in tarfile_samples(self._shards(rng), handler=self.skips):
             self.read += 1
-            try:
-                keep = self.labels is None or sample_label(sample) in self.labels
-            except ValueError as exn:  # an unparsable cls member
-                self.skips(exn)
+            if self.labels is None:
+                yield sample
                 continue
-            if keep:
+            if "cls" not in sample:  # a labelled domain's sample without its class
+                self.skips.drop("no label", str(sample.get("__key__")))
+                continue
+            try:
+                label = sample_label(sample)
+            except ValueError as exn:  # an unparsable cls member
+                self.skips.drop("bad label", str(sample.get("__key__")), exn)
+                continue
+            if label in self.labels:
                 yield sample
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:

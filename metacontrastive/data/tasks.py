@@ -26,7 +26,7 @@ from metacontrastive.data.episodes import (
     CaptionSampler, EpisodeSampler, EpisodeShape, Task, augment, episodes, make_caption_task, make_task, mix_seed,
 )
 from metacontrastive.data.manifest import DomainSplit
-from metacontrastive.data.shards import Record, RecordStream
+from metacontrastive.data.shards import DROP_REASONS, Record, RecordStream
 
 __all__ = [
     "DOMAIN_SAMPLING",
@@ -91,14 +91,17 @@ class DomainTaskStream:
         shape: the task shape.
         options: how the shards are read.
         seed: seeds shard order, shuffle, episode draws and prompt templates.
+        counts: counters of dropped samples by reason (``shards.DROP_REASONS``), in shared memory when the
+            stream runs in a DataLoader worker.
     """
 
-    def __init__(self, split: DomainSplit, shape: EpisodeShape, options: StreamOptions, seed: int) -> None:
+    def __init__(self, split: DomainSplit, shape: EpisodeShape, options: StreamOptions, seed: int,
+                 counts: torch.Tensor | None = None) -> None:
         self.split, self.shape = split, shape
         buffer = options.shuffle_buffer
         self.records = RecordStream(split.urls, options.image_size, mix_seed(seed, 0), resampled=True, shuffle_buffer=buffer,
                                     labels=set(split.usable) if split.labelled else None, strict=options.strict,
-                                    where=f"domain {split.name!r} train")
+                                    where=f"domain {split.name!r} train", expected=split.num_samples, counts=counts)
         self._rng = random.Random(mix_seed(seed, 1))
         self.prompts = options.prompts
         self._augment = torch.Generator().manual_seed(mix_seed(seed, 2)) if split.name in options.augment else None
@@ -175,13 +178,17 @@ class MetaBatchStream(IterableDataset):
         seed: the run's data seed.
         rank: this process's global rank.
         epoch: the epoch the stream starts at (a resumed run draws new episodes).
+        dropped: (workers, domains, len(DROP_REASONS)) counters of dropped samples, in shared memory so that
+            the main process reads what the workers dropped (default: private ones).
     """
 
     def __init__(self, splits: list[DomainSplit], shape: EpisodeShape, tasks_per_batch: int, domain_sampling: str,
-                 batches: int, options: StreamOptions, seed: int, rank: int, epoch: int) -> None:
+                 batches: int, options: StreamOptions, seed: int, rank: int, epoch: int,
+                 dropped: torch.Tensor | None = None) -> None:
         super().__init__()
         self.splits, self.shape, self.tasks_per_batch, self.domain_sampling = splits, shape, tasks_per_batch, domain_sampling
         self.batches, self.options, self.seed, self.rank, self.epoch = batches, options, seed, rank, epoch
+        self.dropped = dropped if dropped is not None else torch.zeros(1, len(splits), len(DROP_REASONS), dtype=torch.long)
         proportional = domain_sampling == "proportional"
         self.weights = [float(s.num_samples) if proportional else 1.0 for s in splits]
         self.streams: list[DomainTaskStream] | None = None  # built in the worker that iterates, with:
@@ -199,8 +206,9 @@ class MetaBatchStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if self.streams is None:
             seed = mix_seed(self.seed, self.rank, worker, self.epoch)
-            self.streams = [DomainTaskStream(split, self.shape, self.options, mix_seed(seed, split.domain_id))
-                            for split in self.splits]
+            counts = self.dropped[worker % len(self.dropped)]  # (domains, reasons): this worker's row
+            self.streams = [DomainTaskStream(split, self.shape, self.options, mix_seed(seed, split.domain_id), counts[d])
+                            for d, split in enumerate(self.splits)]
             self._rng = random.Random(seed)
             self._batch_index = worker  # this worker's meta-batches are worker, worker + workers, ...
         for _ in range(self.batches // workers + (worker < self.batches % workers)):
@@ -230,7 +238,7 @@ class EvaluationPool:
         self.records: dict[int, list[Record]] = {c: [] for c in split.counts} if split.labelled else {-1: []}
         stream = RecordStream(split.urls, image_size, seed=0, resampled=False,
                               labels=set(split.counts) if split.labelled else None, strict=strict,
-                              where=f"domain {split.name!r} evaluation pool")
+                              where=f"domain {split.name!r} evaluation pool", expected=split.num_samples)
         full = 0
         for record in stream:
             group = self.records[record.label]
@@ -239,7 +247,7 @@ class EvaluationPool:
                 full += len(group) == per_class
                 if full == len(self.records):
                     break
-        self.skipped = stream.skips.count
+        self.skips = stream.skips
 
     def __len__(self) -> int:
         return sum(len(group) for group in self.records.values())
