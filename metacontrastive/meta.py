@@ -157,13 +157,13 @@ class TaskView:
         self.support = Rows.of(slice(0, n), task.support_labels)
         self.query = Rows.of(slice(n, None), task.query_labels)
         self.both = Rows.of(slice(None), torch.cat([task.support_labels, task.query_labels]))
-        self._features = None if towers_adapt else model.features(self.images, task.texts)
+        self._features = None if towers_adapt else model.features(self.images, task.texts, support=n)
 
     def features(self, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tower features h_I (S + Q, F_I) and h_T (M, F_T)."""
         if self._features is not None:
             return self._features
-        return self.model.features(self.images, self.task.texts, fast=fast)
+        return self.model.features(self.images, self.task.texts, fast=fast, support=len(self.task.support_images))
 
     def texts(self, fast: Parts | None = None) -> torch.Tensor:
         """(L, D) one normalised text embedding per label: its prompts' embeddings averaged (prompt ensembling)."""
@@ -223,7 +223,8 @@ class Adapted:
         z_query: (Q, D) adapted query image embeddings.
         z_text: (m, D) adapted embeddings of the texts the query labels point at.
         text_ids: (m,) which texts those are.
-        support_losses: the detached support loss before each inner step.
+        support_losses: the detached support loss before each inner step, and after the last one when
+            the caller asked for it (``adapt_and_score(..., final_support_loss=True)``).
     """
 
     loss: torch.Tensor
@@ -238,7 +239,7 @@ class Adapted:
 
 
 def adapt_and_score(
-    learner: MAML | MetaSGD, view: TaskView, steps: int, first_order: bool | None = None
+    learner: MAML | MetaSGD, view: TaskView, steps: int, first_order: bool | None = None, final_support_loss: bool = False
 ) -> Adapted:
     """Clone the fast weights, take ``steps`` inner steps on the support loss, score the query set.
 
@@ -247,9 +248,13 @@ def adapt_and_score(
         view: the task.
         steps: inner-loop steps k (0: score the meta-learned initialisation itself).
         first_order: override the learner's setting (``adapt``).
+        final_support_loss: also record the support loss after the last step (one more forward, no graph).
     """
     with torch.enable_grad():  # Lightning's evaluation loops run under no_grad; the inner loop needs gradients
         clone = learner.clone()
         support_losses = adapt(clone, lambda parts: view.loss(view.support, parts)[0], steps, first_order)
         loss, z_query, z_text = view.loss(view.query, clone.module)
+    if final_support_loss:
+        with torch.no_grad():
+            support_losses.append(view.loss(view.support, clone.module)[0])
     return Adapted(loss, z_query, z_text, view.query.texts, support_losses)

@@ -39,6 +39,15 @@ __all__ = ["MetaContrastiveModule", "TaskResult"]
 _NO_DECAY = ("bias", "norm", "logit_scale", "embed", "domain", "position", "token")
 
 
+def _structure(hparams: dict) -> dict:
+    """The options that decide which tensors a checkpoint holds, and their shapes."""
+    encoder = hparams.get("encoder") or {}
+    shapes = ("image_tower", "text_tower", "embed_dim", "hidden_dim", "domain_dim", "condition_image", "condition_text")
+    return {"domains": hparams.get("domains"), "algorithm": hparams.get("algorithm"),
+            "adapt_scope": hparams.get("adapt_scope"), "prototype_prompts": hparams.get("prototype_prompts") is not None,
+            **{f"encoder.{key}": encoder.get(key) for key in shapes}}
+
+
 def _check_options(options: dict) -> None:
     """Refuse settings that cannot mean anything, before any work starts, naming the option and its range."""
     def refuse(name: str, why: str) -> None:
@@ -63,6 +72,20 @@ def _check_options(options: dict) -> None:
     for name in ("align_weight", "weight_decay", "warmup_steps", "align_warmup_steps"):
         if options[name] < 0:
             refuse(name, "use 0 or more")
+
+
+def _warnings(means: dict[str, float], acc_ci95: float) -> list[str]:
+    """What a domain's mean evaluation scores say is wrong: collapse, an inner loop that raises the support
+    loss, accuracy at chance after adaptation."""
+    out = [f"collapsing: {key} = {means[key]:.3f} > {limit} (see {key} under */collapse/ in TensorBoard; try a lower "
+           "model.inner_lr or model.lr)" for key, limit in COLLAPSE.items() if means[key] > limit]
+    if means["support_gain"] < 0:
+        out.append(f"the inner loop raises the support loss by {-means['support_gain']:.3f} on average: model.inner_lr "
+                   "is too large for these fast weights")
+    if means["acc"] - means["chance"] <= acc_ci95:
+        out.append(f"accuracy after adaptation, {100 * means['acc']:.1f}% +- {100 * acc_ci95:.1f}, is at chance "
+                   f"({100 * means['chance']:.1f}%): the inner loop cannot help yet")
+    return out
 
 
 @dataclass
@@ -218,14 +241,16 @@ class MetaContrastiveModule(L.LightningModule):
                 support_loss = view.loss(view.support)[0]
             return TaskResult(loss, z_both[view.query.index], support_loss)
         adapted = adapt_and_score(self.learner, view, hp.inner_steps if train else self.eval_steps,
-                                  first_order=None if train else True)
+                                  first_order=None if train else True, final_support_loss=not train)
         z_align = view.embed(view.query)[0] if hp.align_on == "base" and hp.align_weight > 0 else adapted.z_query
         support_loss = adapted.support_losses[0] if adapted.support_losses else adapted.loss.detach()
         if train or not task.labelled:
             return TaskResult(adapted.loss, z_align, support_loss)
         predictions = adapted.predictions()
         accuracy, f1 = episode_scores(predictions, task.query_labels, len(task.classes))
-        scores = {"acc": accuracy, "f1": f1, **collapse_signs(adapted.z_text, adapted.z_query, predictions)}
+        losses = adapted.support_losses
+        scores = {"acc": accuracy, "f1": f1, "chance": torch.tensor(1.0 / len(task.classes)),
+                  "support_gain": losses[0] - losses[-1], **collapse_signs(adapted.z_text, adapted.z_query, predictions)}
         return TaskResult(adapted.loss, z_align, support_loss, predictions, scores)
 
     def meta_step(self, batch: list[Task], stage: str) -> torch.Tensor | None:
@@ -278,6 +303,11 @@ class MetaContrastiveModule(L.LightningModule):
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        theirs, ours = _structure(checkpoint.get("hyper_parameters", {})), _structure(dict(self.hparams))
+        differ = [f"{key}: {theirs[key]!r} in the checkpoint, {ours[key]!r} here" for key in ours if theirs[key] != ours[key]]
+        if differ:
+            raise ValueError("the checkpoint was trained with another model configuration (" + "; ".join(differ) +
+                             "): run with that run's config.yaml (-c <run>/config.yaml), or start a new run")
         self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -301,37 +331,37 @@ class MetaContrastiveModule(L.LightningModule):
         self._log_accuracy("test")
 
     def _log_accuracy(self, stage: str) -> None:
-        """Mean episode accuracy and macro-F1 per domain, their 95% CIs, the episode count, and the mean
-        accuracy over domains.
+        """Per domain: mean episode accuracy and macro-F1 with their 95% CIs and the episode count, the signs
+        of collapse (``{stage}/collapse/*``) and what the inner loop does to the support loss
+        (``{stage}/inner/support_gain``); the mean accuracy over domains. Warns when a domain collapses, when
+        the inner loop raises the support loss, or when accuracy after adaptation is at chance.
 
         Every rank computes every domain's metric (a collective under DDP), so the ranks stay in step
         even when one of them saw no episode of a domain."""
         means = []
         for name, metrics in self.episode_scores[stage].items():
-            for key, metric in metrics.items():
-                result = metric.compute()
+            results = {key: metric.compute() for key, metric in metrics.items()}
+            for metric in metrics.values():
                 metric.reset()
-                if result["episodes"] == 0:
-                    continue
-                # already reduced over ranks by the metric: identical everywhere, no sync_dist
-                if key in COLLAPSE:
-                    self.log(f"{stage}/collapse/{key}/{name}", result["mean"])
-                    if result["mean"] > COLLAPSE[key] and not self.trainer.sanity_checking:
-                        rank_zero_warn(f"{stage} domain {name!r} is collapsing: {key} = {float(result['mean']):.3f} > "
-                                       f"{COLLAPSE[key]} (label_cos: adapted class embeddings alike; image_cos: query "
-                                       "embeddings alike; constant: every query gets one answer); see "
-                                       f"{stage}/collapse/* in TensorBoard, and try a lower model.inner_lr or model.lr")
-                    continue
-                self.log(f"{stage}/{key}/{name}", result["mean"])
-                self.log(f"{stage}/{key}_ci95/{name}", result["ci95"])
-                if key == "acc":
-                    means.append(result["mean"])
-                    self.log(f"{stage}/episodes/{name}", result["episodes"].float())
+            if results["acc"]["episodes"] == 0:
+                continue
+            # already reduced over ranks by the metrics: identical everywhere, no sync_dist
+            for key in ("acc", "f1"):
+                self.log(f"{stage}/{key}/{name}", results[key]["mean"])
+                self.log(f"{stage}/{key}_ci95/{name}", results[key]["ci95"])
+            self.log(f"{stage}/episodes/{name}", results["acc"]["episodes"].float())
+            for key in COLLAPSE:
+                self.log(f"{stage}/collapse/{key}/{name}", results[key]["mean"])
+            self.log(f"{stage}/inner/support_gain/{name}", results["support_gain"]["mean"])
+            means.append(results["acc"]["mean"])
+            if not self.trainer.sanity_checking:
+                for message in _warnings({k: float(v["mean"]) for k, v in results.items()}, float(results["acc"]["ci95"])):
+                    rank_zero_warn(f"{stage} domain {name!r}: {message}")
         if means:
             self.log(f"{stage}/acc", torch.stack(means).mean(), prog_bar=True)
 
     def _score_metrics(self, stage_domains: dict[str, list[str]]) -> nn.ModuleDict:
-        keys = ("acc", "f1", *COLLAPSE)
+        keys = ("acc", "f1", "chance", "support_gain", *COLLAPSE)
         return nn.ModuleDict({stage: nn.ModuleDict({name: nn.ModuleDict({k: EpisodeMean() for k in keys}) for name in names})
                               for stage, names in stage_domains.items()})
 

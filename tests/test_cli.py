@@ -70,6 +70,7 @@ def test_default_callbacks_write_their_tags(fitted):
     assert {"scaling/step_ms", "scaling/data_wait_frac", "scaling/samples_per_s", "scaling/samples_per_s_total",
             "scaling/tasks_per_s", "scaling/peak_mem_gib", "scaling/world_size"} <= scalars
     assert 0.0 <= events.Scalars("scaling/data_wait_frac")[-1].value <= 1.0
+    assert events.Scalars("data/dropped/natural")[-1].value == 0.0  # the demo shards are sound: nothing dropped
     assert {"episode/support", "episode/query"} <= set(events.Tags()["images"])
     plugins = {v.tag: v.metadata.plugin_data.plugin_name
                for f in run.glob("events.out.tfevents.*") for ev in EventFileLoader(str(f)).Load() for v in ev.summary.value}

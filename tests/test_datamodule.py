@@ -81,6 +81,29 @@ def test_configuration_errors_are_raised_at_construction():
         EpisodicDataModule(reservoir=3, shots=2, queries=2)
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(domains=["natural"], tasks_per_batch=0), r"data.tasks_per_batch=0: use 1 or more"),
+    (dict(shots=0), r"ways >= 2, shots >= 1 and queries >= 1; got 5-way 0-shot"),
+    (dict(ways=1), r"got 1-way"),
+    (dict(queries=-3), r"got 5-way 5-shot -3-query"),
+    (dict(eval_ways=1), r"data.eval_ways=1: use 2 or more"),
+    (dict(val_episodes=0), r"data.val_episodes=0: use 1 or more"),
+    (dict(steps_per_epoch=0), r"data.steps_per_epoch=0"),
+    (dict(image_size=4), r"data.image_size=4: use 8 or more"),
+    (dict(num_workers=-1), r"data.num_workers=-1: use 0 or more"),
+    (dict(augment=["satellite"]), r"data.augment=\['satellite'\]: augmentation applies to training domains"),
+])
+def test_meaningless_data_settings_are_refused_naming_option_and_range(options, message):
+    with pytest.raises(ValueError, match=message):
+        EpisodicDataModule(**options)
+
+
+def test_a_split_whose_classes_are_all_too_small_stops_the_run(tmp_path, write_domain, small):
+    write_domain(tmp_path, "natural", per_class=3)  # 3 images per class: shots + queries = 4 cannot be drawn
+    with pytest.raises(ValueError, match=r"val split: .* 5 classes and 0 with that many"):
+        EpisodicDataModule(domains=["natural"], root=str(tmp_path), **small).setup("validate")
+
+
 def test_caption_only_domains_give_caption_tasks_the_model_trains_on(tmp_path, write_domain, small, batches):
     write_domain(tmp_path, "natural")
     write_domain(tmp_path, "web", labelled=False)

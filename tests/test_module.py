@@ -69,12 +69,57 @@ def test_evaluation_adapts_under_no_grad_and_predicts_the_adapted_nearest_prompt
     assert result.predictions.shape == task.query_labels.shape
 
 
-def test_nan_loss_is_a_clear_error():
-    module = MetaContrastiveModule()
+def test_nan_loss_stops_with_the_step_and_terms_or_is_skipped_and_counted():
     batch = _batch()
     batch[0].query_images[:] = float("nan")
-    with pytest.raises(FloatingPointError, match="outer loss is nan"):
-        module.meta_step(batch, "train")
+    with pytest.raises(FloatingPointError, match=r"outer loss is nan at step 0 \(query nan, align .*model.nonfinite=skip"):
+        MetaContrastiveModule().meta_step(batch, "train")
+    module = MetaContrastiveModule(nonfinite="skip")
+    module.log = lambda *args, **kwargs: None
+    with pytest.warns(UserWarning, match="step skipped, no update \\(1 skipped so far\\)"):
+        assert module.training_step(batch, 0) is None  # Lightning takes no optimiser step for None
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    fresh = MetaContrastiveModule(nonfinite="skip")
+    fresh.on_load_checkpoint({**checkpoint, "hyper_parameters": dict(fresh.hparams)})
+    assert fresh.nonfinite_skipped == 1  # the count survives a resume
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(inner_steps=-1), r"model.inner_steps=-1: the dcmcl method adapts on every support set: use 1 or more"),
+    (dict(inner_steps=0), r"model.inner_steps=0: the dcmcl method"),
+    (dict(inner_lr=-1.0), r"model.inner_lr=-1.0: a learning rate must be a finite number above 0"),
+    (dict(inner_lr=float("inf")), r"model.inner_lr=inf"),
+    (dict(lr=0.0), r"model.lr=0.0"),
+    (dict(tower_lr=-1e-4), r"model.tower_lr=-0.0001: .* or null for model.lr"),
+    (dict(domain_dropout=1.5), r"model.domain_dropout=1.5: a probability"),
+    (dict(eval_inner_steps=-1), r"model.eval_inner_steps=-1: use 0 or more"),
+    (dict(align_weight=-0.1), r"model.align_weight=-0.1: use 0 or more"),
+    (dict(domains=[]), r"model.domains=\[\]: name at least one domain"),
+    (dict(prototype_prompts=0.0), r"model.prototype_prompts=0.0: give beta's starting value, > 0"),
+])
+def test_meaningless_settings_are_refused_naming_option_and_range(options, message):
+    with pytest.raises(ValueError, match=message):
+        MetaContrastiveModule(**options)
+
+
+def test_validation_warns_when_the_inner_loop_cannot_help():
+    from metacontrastive.module import _warnings
+    healthy = {"acc": 0.8, "chance": 0.2, "support_gain": 0.3, "label_cos": 0.5, "image_cos": 0.5, "constant": 0.0}
+    assert _warnings(healthy, acc_ci95=0.02) == []
+    exploding = _warnings({**healthy, "support_gain": -4.0}, 0.02)
+    assert len(exploding) == 1 and "raises the support loss by 4.000" in exploding[0] and "inner_lr" in exploding[0]
+    stuck = _warnings({**healthy, "acc": 0.21}, acc_ci95=0.02)
+    assert len(stuck) == 1 and "is at chance (20.0%)" in stuck[0]
+    collapsed = _warnings({**healthy, "acc": 0.2, "label_cos": 0.999, "constant": 1.0}, acc_ci95=0.0)
+    assert sum("collapsing" in m for m in collapsed) == 2 and any("at chance" in m for m in collapsed)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_naming_what_differs():
+    checkpoint = {"hyper_parameters": dict(MetaContrastiveModule(encoder=EncoderConfig(embed_dim=64)).hparams)}
+    with pytest.raises(ValueError, match=r"encoder.embed_dim: 64 in the checkpoint, 128 here.*config.yaml"):
+        MetaContrastiveModule().on_load_checkpoint(checkpoint)
+    MetaContrastiveModule(encoder=EncoderConfig(embed_dim=64, support_norm=True)).on_load_checkpoint(checkpoint)  # same shapes
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "metasgd"])

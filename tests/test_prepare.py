@@ -341,6 +341,8 @@ def test_bad_options(tmp_path):
         write_domain(items, "d", tmp_path, source="t", templates=["a {label} in {place}"])
     with pytest.raises(ValueError, match="letters, digits"):
         write_domain(items, "my.domain", tmp_path, source="t")
+    with pytest.raises(ValueError, match="no images to write for domain 'empty'"):
+        write_domain([], "empty", tmp_path, source="t")
     with pytest.raises(ValueError, match="caption-only data has no classes"):
         write_domain([readers.Item("x.png", captions=["x"])] * 3, "d", tmp_path, source="t", class_lists={"train": ["a"]})
 

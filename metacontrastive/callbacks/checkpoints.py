@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 __all__ = ["FiniteModelCheckpoint", "ResumeCheckpoint", "finite_weights"]
 
@@ -80,9 +81,9 @@ class ResumeCheckpoint(Callback):
             self._remove_empty_run(trainer)
             return
         path = self._save(trainer)
-        if path is not None:
-            rank_zero_info(f"interrupted at step {trainer.global_step} ({type(exception).__name__}): saved {path}; "
-                           f"resume in place with `make train RESUME=1` or `--ckpt_path last`")
+        if path is not None and trainer.is_global_zero:
+            print(f"interrupted at step {trainer.global_step} ({type(exception).__name__}): saved {path}; "
+                  f"resume in place with `make train RESUME=1` or `--ckpt_path last`", file=sys.stderr, flush=True)
 
     def _save(self, trainer: L.Trainer) -> Path | None:
         # every rank takes part (a collective under DDP); only rank 0 writes
@@ -103,4 +104,4 @@ class ResumeCheckpoint(Callback):
         folder = Path(log_dir) if log_dir else None
         if trainer.is_global_zero and folder is not None and folder.is_dir() and not any(folder.rglob("*.ckpt")):
             shutil.rmtree(folder, ignore_errors=True)
-            rank_zero_info(f"the run failed before its first step: removed its folder {folder}")
+            print(f"the run failed before its first step: removed its folder {folder}", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ parts, which is how an inner loop substitutes its adapted clones (see ``metacont
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -17,7 +18,7 @@ from torch import nn
 
 from metacontrastive.models.conditioning import DomainEmbedding, FiLM
 from metacontrastive.models.towers import build_towers
-from metacontrastive.models.towers.base import parameter_device
+from metacontrastive.models.towers.base import parameter_device, support_statistics
 
 __all__ = ["DomainConditionedCLIP", "EncoderConfig", "ProjectionHead"]
 
@@ -56,6 +57,9 @@ class EncoderConfig:
         condition_text: apply FiLM to text features.
         init_temperature: initial softmax temperature (CLIP: 0.07).
         max_logit_scale: clamp on the inverse temperature (CLIP: 100).
+        support_norm: outside training, the image tower's BatchNorm layers normalise each task with its
+            support images' statistics (AdaBN on the support set; ``towers.base.support_statistics``)
+            instead of running statistics gathered over every training domain.
     """
 
     image_tower: str = "tiny"
@@ -71,6 +75,7 @@ class EncoderConfig:
     condition_text: bool = True
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    support_norm: bool = False
 
 
 class DomainConditionedCLIP(nn.Module):
@@ -108,12 +113,18 @@ class DomainConditionedCLIP(nn.Module):
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
     def features(
-        self, images: torch.Tensor, texts: list[str], fast: Mapping[str, nn.Module] | None = None
+        self, images: torch.Tensor, texts: list[str], fast: Mapping[str, nn.Module] | None = None,
+        support: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tower features h_I (B, F_I) and h_T (M, F_T)."""
+        """Tower features h_I (B, F_I) and h_T (M, F_T). ``support``: the first ``support`` images are a
+        task's support set (for ``support_norm``)."""
         image_tower = self._part("image_tower", fast)
         text_tower = self._part("text_tower", fast)
-        return image_tower(images), self._text_features(text_tower, texts)
+        norm = (support_statistics(image_tower, images[:support])
+                if self.config.support_norm and support and not image_tower.training else contextlib.nullcontext())
+        with norm:
+            h_image = image_tower(images)
+        return h_image, self._text_features(text_tower, texts)
 
     def _text_features(self, tower: nn.Module, texts: list[str]) -> torch.Tensor:
         """A frozen text tower maps a prompt to the same features every time, and the same prompts recur in

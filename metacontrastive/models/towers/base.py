@@ -6,11 +6,14 @@ device of its parameters.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Tower", "parameter_device", "resize"]
+__all__ = ["Tower", "parameter_device", "resize", "support_statistics"]
 
 
 class Tower(nn.Module):
@@ -48,3 +51,38 @@ def parameter_device(module: nn.Module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+@contextmanager
+def support_statistics(tower: nn.Module, support: torch.Tensor) -> Iterator[None]:
+    """Inside the block, the BatchNorm layers of ``tower`` normalise with the statistics of ``support``
+    (B, 3, H, W) instead of their running ones; outside, everything is as before.
+
+    This is AdaBN (Li et al. 2016) on an episode's support set: a domain unlike the training ones is
+    normalised by its own statistics (see Bronskill et al. 2020, TaskNorm, for normalisation in
+    meta-learning); the query images are never used, so evaluation stays inductive. Without BatchNorm
+    layers (the tiny towers use GroupNorm) it does nothing.
+    """
+    layers = [m for m in tower.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        yield
+        return
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum, m.training)
+             for m in layers]
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: after one pass, exactly the support statistics
+            m.train()
+        with torch.no_grad():
+            tower(support)
+        for m in layers:
+            m.eval()
+        yield
+    finally:
+        for m, (mean, var, count, momentum, training) in zip(layers, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+            m.train(training)
