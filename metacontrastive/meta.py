@@ -29,7 +29,7 @@ with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, whic
     from learn2learn.algorithms import MAML, MetaSGD
 
 __all__ = ["ADAPT_SCOPES", "ALGORITHMS", "AdaptScope", "Adapted", "Algorithm", "Rows", "TaskView", "adapt",
-           "adapt_and_score", "blend_domains", "build_learner", "class_means"]
+           "adapt_and_score", "batch_features", "blend_domains", "build_learner", "class_means", "towers_batch"]
 
 ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "film": ("film_image", "film_text"),
@@ -101,6 +101,25 @@ def adapt(
     return losses
 
 
+def towers_batch(model: DomainConditionedCLIP, towers_adapt: bool) -> bool:
+    """Whether the tasks of a meta-batch can share one call of each tower: the towers are slow weights, and
+    the image tower normalises each image on its own (no BatchNorm whose statistics would mix tasks)."""
+    if towers_adapt:
+        return False
+    normalises_batch = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.image_tower.modules())
+    return not normalises_batch or (not model.image_tower.training and not model.config.support_norm)
+
+
+def batch_features(model: DomainConditionedCLIP, tasks: list[Task]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every task's tower features from one call of each tower over the whole meta-batch, split per task
+    (what ``towers_batch`` allows): one large batch keeps an accelerator busier than several small ones."""
+    images = torch.cat([torch.cat([t.support_images, t.query_images]) for t in tasks])  # (sum S + Q, 3, H, W)
+    h_image, h_text = model.features(images, [text for t in tasks for text in t.texts])
+    image_parts = h_image.split([len(t.support_images) + len(t.query_images) for t in tasks])
+    text_parts = h_text.split([len(t.texts) for t in tasks])
+    return list(zip(image_parts, text_parts))
+
+
 def class_means(x: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
     """(classes, D) the mean of the rows of ``x`` (n, D) with each label (zeros for a label with no row)."""
     sums = torch.zeros(classes, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, labels, x)
@@ -146,10 +165,12 @@ class TaskView:
             domains the model was not trained on, or under domain dropout), or a (C,) conditioning vector.
         towers_adapt: the towers are fast weights (``adapt_scope=all``).
         prototype_weight: beta, or None for prompts alone.
+        features: the task's tower features when the caller computed them already (``batch_features``).
     """
 
     def __init__(self, model: DomainConditionedCLIP, task: Task, domain_row: int, towers_adapt: bool = False,
-                 prototype_weight: torch.Tensor | None = None) -> None:
+                 prototype_weight: torch.Tensor | None = None,
+                 features: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.model, self.task, self.domain_row, self.towers_adapt = model, task, domain_row, towers_adapt
         self.prototype_weight = prototype_weight if task.labelled else None
         self.images = torch.cat([task.support_images, task.query_images])  # (S + Q, 3, H, W)
@@ -157,7 +178,10 @@ class TaskView:
         self.support = Rows.of(slice(0, n), task.support_labels)
         self.query = Rows.of(slice(n, None), task.query_labels)
         self.both = Rows.of(slice(None), torch.cat([task.support_labels, task.query_labels]))
-        self._features = None if towers_adapt else model.features(self.images, task.texts, support=n)
+        if towers_adapt:
+            self._features = None
+        else:
+            self._features = features if features is not None else model.features(self.images, task.texts, support=n)
 
     def features(self, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tower features h_I (S + Q, F_I) and h_T (M, F_T)."""

@@ -28,7 +28,8 @@ from torch import nn
 from metacontrastive.data.episodes import Task
 from metacontrastive.losses import Alignment, alignment_loss
 from metacontrastive.meta import (
-    ADAPT_SCOPES, AdaptScope, Algorithm, TaskView, adapt_and_score, blend_domains, build_learner,
+    ADAPT_SCOPES, AdaptScope, Algorithm, TaskView, adapt_and_score, batch_features, blend_domains, build_learner,
+    towers_batch,
 )
 from metacontrastive.metrics import COLLAPSE, EpisodeMean, collapse_signs, episode_scores
 from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
@@ -219,22 +220,23 @@ class MetaContrastiveModule(L.LightningModule):
         """The row of the model's domain table for a domain: its own, or ``unknown`` for one it was not trained on."""
         return self._rows.get(domain, self.model.unknown_domain)
 
-    def view_of(self, task: Task, row: int, train: bool = False) -> TaskView:
-        """The model's view of ``task`` conditioned on ``row``; outside training, an ``unknown`` row starts
-        from a blend of the known domains when ``unseen`` is ``blend``."""
-        view = TaskView(self.model, task, row, self.towers_adapt, self.prototype_weight)
+    def view_of(self, task: Task, row: int, train: bool = False,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskView:
+        """The model's view of ``task`` conditioned on ``row`` (with its tower features, if computed already);
+        outside training, an ``unknown`` row starts from a blend of the known domains when ``unseen`` is ``blend``."""
+        view = TaskView(self.model, task, row, self.towers_adapt, self.prototype_weight, features)
         if not train and row == self.model.unknown_domain and self.hparams.unseen == "blend" and self.model.domain is not None:
             blend_domains(view, list(range(len(self.domains))))
         return view
 
     # ------------------------------------------------------------------ the algorithm
-    def task_step(self, task: Task, train: bool) -> TaskResult:
+    def task_step(self, task: Task, train: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskResult:
         """Adapt to one task's support set (unless plain training) and score its query set."""
         hp = self.hparams
         row = self.domain_row(task.domain)
         if train and hp.domain_dropout > 0 and random.random() < hp.domain_dropout:
             row = self.model.unknown_domain
-        view = self.view_of(task, row, train)
+        view = self.view_of(task, row, train, features)
         if train and hp.method != "dcmcl":  # plain contrastive training on all pairs of the task
             loss, z_both, _ = view.loss(view.both)
             with torch.no_grad():
@@ -257,7 +259,9 @@ class MetaContrastiveModule(L.LightningModule):
         """The outer objective on a meta-batch: mean query loss + align_weight * R_align; logs per domain.
         None when a non-finite training loss is skipped (``nonfinite=skip``): Lightning then takes no step."""
         hp, train = self.hparams, stage == "train"
-        results = [self.task_step(task, train) for task in batch]
+        # the towers run once per meta-batch when they can (see meta.towers_batch), else once per task
+        features = batch_features(self.model, batch) if towers_batch(self.model, self.towers_adapt) else [None] * len(batch)
+        results = [self.task_step(task, train, f) for task, f in zip(batch, features)]
         query_loss = torch.stack([r.loss for r in results]).mean()
         z = torch.cat([r.z_align for r in results])  # (sum Q, D)
         ids = torch.cat([torch.full((len(r.z_align),), t.domain_id, device=z.device) for r, t in zip(results, batch)])

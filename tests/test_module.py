@@ -163,3 +163,26 @@ def test_every_ablation_preset_trains_every_trainable_parameter(preset):
     _one_step(module)
     unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused
+
+
+@pytest.mark.parametrize("image_tower", ["tiny", "conv4"])
+def test_towers_run_once_per_meta_batch_with_the_same_loss_and_gradients(monkeypatch, image_tower):
+    import metacontrastive.module as module_code
+    from metacontrastive.meta import towers_batch
+
+    def step(batched: bool):
+        torch.manual_seed(0)
+        module = MetaContrastiveModule(encoder=EncoderConfig(image_tower=image_tower), domain_dropout=0.0).eval()
+        monkeypatch.setattr(module_code, "towers_batch", lambda model, adapt: batched and towers_batch(model, adapt))
+        calls = []
+        module.model.image_tower.register_forward_hook(lambda *_: calls.append(1))
+        loss = module.meta_step(_batch(), "train")
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}, len(calls)
+
+    (loss_1, grads_1, calls_1), (loss_n, grads_n, calls_n) = step(True), step(False)
+    assert (calls_1, calls_n) == (1, len(_batch()))
+    torch.testing.assert_close(loss_1, loss_n, rtol=1e-5, atol=1e-6)
+    assert grads_1.keys() == grads_n.keys()
+    for name in grads_1:
+        torch.testing.assert_close(grads_1[name], grads_n[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -69,14 +69,18 @@ def test_domain_ten_times_larger_than_the_buffers_streams_with_bounded_memory(tm
     assert split.num_samples >= 10 * bound
     stream = DomainTaskStream(split, shape, StreamOptions(8, shuffle_buffer, reservoir, strict=False, augment=(), prompts="one"), seed=0)
     assert stream.max_buffered == bound
+    def live_records() -> int:
+        gc.collect()
+        return sum(type(o) is Record for o in gc.get_objects())
+
+    before = live_records()  # records that earlier tests in the same process still hold
     peak, tasks = 0, 0
     while stream.records.read < 2 * split.num_samples:  # two full passes over the domain
         next(stream)
         tasks += 1
         peak = max(peak, stream.buffered())
-        if tasks % 40 == 0:  # nothing else holds decoded records: count the live ones
-            live = sum(type(o) is Record for o in gc.get_objects())
-            assert live <= reservoir * len(split.usable) + 1
+        if tasks % 40 == 0:  # nothing else holds this stream's decoded records: count the live ones
+            assert live_records() - before <= reservoir * len(split.usable) + 1
     assert peak <= bound
     assert stream.records.read >= 20 * bound
     print(f"bounded memory: peak {peak} buffered records (bound {bound}) while {stream.records.read} records "
