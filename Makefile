@@ -14,9 +14,14 @@ SHARDS  ?= data/shards
 ARGS    ?=
 RESUME  ?=
 RUN     ?=
+GPUS    ?=
+NODES   ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
 CKPT    ?= $(shell ls -t logs/*/version_*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 
-.PHONY: help install data train eval test test-fast tensorboard clean
+.PHONY: help install data train eval bench test test-fast tensorboard clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -50,8 +55,14 @@ MANIFESTS := $(foreach d,$(subst $(comma), ,$(DOMAINS)),$(SHARDS)/$(d)/manifest.
 $(SHARDS)/%/manifest.json: | install
 	$(PY) -m metacontrastive prepare synthetic --domain $* --out $(SHARDS)
 
-train: install $(MANIFESTS) ## Train DCMCL on DOMAINS with CONFIG; RESUME=1 goes on with the newest (or RUN=name) run; ARGS=... overrides
-	$(PY) -m metacontrastive fit -c $(CONFIG) --data.domains=[$(DOMAINS)] --data.root=$(SHARDS) \
+# GPUS=N launches N processes per machine through torchrun with conf/ddp.yaml (NODES=M machines: run the same
+# command on each with its NODE_RANK and the first machine's MASTER_ADDR)
+LAUNCH := $(if $(GPUS),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) --nnodes=$(NODES) --node_rank=$(NODE_RANK) \
+  --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT),$(PY))
+DDP    := $(if $(GPUS),-c conf/ddp.yaml --trainer.devices=$(GPUS) --trainer.num_nodes=$(NODES))
+
+train: install $(MANIFESTS) ## Train DCMCL on DOMAINS with CONFIG; GPUS=N [NODES=M] for DDP; RESUME=1 goes on with the newest (or RUN=name) run; ARGS=... overrides
+	$(LAUNCH) -m metacontrastive fit -c $(CONFIG) $(DDP) --data.domains=[$(DOMAINS)] --data.root=$(SHARDS) \
 	  $(if $(RUN),--run $(RUN)) $(if $(RESUME),--ckpt_path last) $(ARGS)
 
 eval: install ## Few-shot table of CKPT (default: the newest last.ckpt), every method; ARGS="--episodes 100 ..." overrides
@@ -63,6 +74,10 @@ test: install ## Run the test suite (all of it, slow tests included)
 
 test-fast: install ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow"
+
+bench: install ## Speed benchmarks: meta-step vs plain step, memory, scaling, loader vs training (tables in bench/results/)
+	$(PY) bench/speed.py --out bench/results $(ARGS)
+	$(PY) bench/data_throughput.py --out bench/results
 
 tensorboard: install ## Serve the TensorBoard logs in logs/ on port 6006
 	$(VENV)/bin/tensorboard --logdir logs --port 6006

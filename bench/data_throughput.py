@@ -20,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="shards root (default: write the demo shards to a temp dir)")
     parser.add_argument("--batches", type=int, default=40, help="meta-batches timed per worker setting")
     parser.add_argument("--train-steps", type=int, default=6, help="training steps timed (after one warm-up step)")
+    parser.add_argument("--out", default="bench/results", help="folder for the markdown table")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,9 +128,24 @@ def main() -> None:
               f"intra-op threads {threads}): {rate:.3f} steps/s = {rate * hp.tasks_per_batch:.2f} episodes/s")
     print(f"{'workers':>7} {'first batch s':>13} {'batches/s':>10} {'episodes/s':>11} {'images/s':>9} {'loader/train':>13}"
           f"  (against the faster training rate, {train:.3f} steps/s)")
+    lines = ["# Loader rate against training rate (conf/default.yaml, CPU)", "",
+             f"Load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; training "
+             + ", ".join(f"{rate:.3f} steps/s with {t} intra-op threads" for t, rate in trains.items()) + ".", "",
+             "| loader workers | first batch s | meta-batches/s | images/s | loader / training |", "|---|---|---|---|---|"]
     for workers, (first, rate) in rates.items():
         episodes = rate * hp.tasks_per_batch
         print(f"{workers:>7} {first:>13.2f} {rate:>10.2f} {episodes:>11.1f} {episodes * images:>9.0f} {rate / train:>12.1f}x")
+        lines.append(f"| {workers} | {first:.2f} | {rate:.2f} | {episodes * images:.0f} | {rate / train:.1f} |")
+    for threads, rate in trains.items():
+        print(json.dumps({"measure": "train_rate", "threads": threads, "steps_per_s": rate}))
+    for workers, (first, rate) in rates.items():
+        print(json.dumps({"measure": "loader_rate", "workers": workers, "first_batch_s": first, "batches_per_s": rate,
+                          "loader_vs_train": rate / train}))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "data_throughput-cpu.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"table: {path}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,28 @@ from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import log_to_tensorboard, markdown_table, write_results
 from metacontrastive.runs import resolve_run, run_folder
 
-__all__ = ["MetaCLI", "evaluate_main", "main"]
+__all__ = ["MetaCLI", "available_cores", "evaluate_main", "intra_op_threads", "main"]
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup (container) CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def intra_op_threads(requested: int | None, workers: int, local_ranks: int = 1) -> int:
+    """torch's intra-op threads for a training process: ``requested``, else the available cores shared among
+    the local ranks, less one per loader worker (which decode images at the same time), at least 1. torch's
+    own default (every core) oversubscribes a small or busy machine, where a step can get several times slower."""
+    if requested is not None:
+        return requested
+    return max(1, available_cores() // max(local_ranks, 1) - workers)
 
 
 class MetaCLI(LightningCLI):
@@ -35,10 +57,18 @@ class MetaCLI(LightningCLI):
         parser.link_arguments("data.domains", "model.domains")
         parser.add_argument("--run", type=Optional[str], default=None,
                             help="the run folder: a name under <save_dir>/<name>/ or a path (default: the next version_N)")
+        parser.add_argument("--threads", type=Optional[int], default=None,
+                            help="torch intra-op threads (default: the available cores per local rank less the loader "
+                                 "workers, at least 1; OMP_NUM_THREADS, when set, is kept)")
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
-            resolve_run(self.config[self.subcommand], self.subcommand)
+            config = self.config[self.subcommand]
+            resolve_run(config, self.subcommand)
+            if config.get("threads") is not None or "OMP_NUM_THREADS" not in os.environ:
+                workers = config["data"].get("num_workers", 0) if self.subcommand == "fit" else 0
+                torch.set_num_threads(intra_op_threads(config.get("threads"), workers,
+                                                       int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def main(args: list[str] | None = None) -> MetaCLI:
@@ -117,7 +147,7 @@ def evaluate_main(argv: list[str] | None = None) -> list:
         test_domains=domains, ways=args.ways, shots=max(shots), queries=queries,
         image_size=data.get("image_size", 32), reservoir=max(shots) + queries, eval_pool=data.get("eval_pool"),
         eval_seed=args.seed if args.seed is not None else data.get("eval_seed", 0),
-        strict_decode=data.get("strict_decode", False),
+        strict_decode=data.get("strict_decode", False), prompts=data.get("prompts", "one"),
     )
     skipped = [split.name for split in datamodule.split("test") if not split.labelled]
     if skipped:

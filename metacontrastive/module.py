@@ -128,6 +128,8 @@ class MetaContrastiveModule(L.LightningModule):
         align_on: align ``adapted`` or ``base`` (un-adapted) query image embeddings.
         align_warmup_steps: steps over which lambda ramps linearly from 0 to ``align_weight`` (0: none), so
             that the regulariser acts on embeddings that already separate classes.
+        gather_align: under DDP, compute the alignment term over every rank's query embeddings (all-gathered
+            with gradients) instead of this rank's meta-batch alone: more samples per domain for MMD / CORAL.
         domain_dropout: probability of replacing a training task's domain by ``unknown``.
         unseen: how a domain the model was not trained on starts its inner loop at evaluation: the
             ``unknown`` embedding (trained by domain dropout), or a ``blend`` of the known domains' embeddings
@@ -161,6 +163,7 @@ class MetaContrastiveModule(L.LightningModule):
         align_weight: float = 0.1,
         align_on: Literal["adapted", "base"] = "adapted",
         align_warmup_steps: int = 0,
+        gather_align: bool = False,
         domain_dropout: float = 0.1,
         unseen: Literal["unknown", "blend"] = "unknown",
         prototype_prompts: float | None = None,
@@ -265,6 +268,8 @@ class MetaContrastiveModule(L.LightningModule):
         query_loss = torch.stack([r.loss for r in results]).mean()
         z = torch.cat([r.z_align for r in results])  # (sum Q, D)
         ids = torch.cat([torch.full((len(r.z_align),), t.domain_id, device=z.device) for r, t in zip(results, batch)])
+        if hp.gather_align and hp.align_weight > 0 and self._trainer is not None and self.trainer.world_size > 1:
+            z, ids = self.gather_rows(z, ids)
         align = alignment_loss(z, ids, hp.align) if hp.align_weight > 0 else z.new_zeros(())
         ramp = min(1.0, (self.global_step + 1) / hp.align_warmup_steps) if train and hp.align_warmup_steps > 0 else 1.0
         loss = query_loss + ramp * hp.align_weight * align
@@ -293,6 +298,17 @@ class MetaContrastiveModule(L.LightningModule):
             if self.prototype_weight is not None:
                 self.log("train/prototype_weight", self.prototype_weight, batch_size=n)
         return loss
+
+    def gather_rows(self, z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's query embeddings (with gradients to each rank's own) and domain ids, for an alignment
+        term over the global meta-batch (as open_clip's ``gather_features``). Ranks may hold different numbers
+        of rows (caption tasks, domain schedules): rows are padded to the largest count, then the padding dropped."""
+        sizes = self.all_gather(torch.tensor(len(z), device=z.device)).flatten()
+        pad = int(sizes.max()) - len(z)
+        z_all = self.all_gather(torch.nn.functional.pad(z, (0, 0, 0, pad)), sync_grads=True).flatten(0, 1)
+        ids_all = self.all_gather(torch.nn.functional.pad(ids, (0, pad), value=-1)).flatten(0, 1)
+        keep = ids_all >= 0
+        return z_all[keep], ids_all[keep]
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: list[Task], batch_idx: int) -> torch.Tensor | None:

@@ -144,3 +144,22 @@ def test_ddp_on_two_cpu_processes_evaluates_every_domain_once(fit_args, tmp_path
     for domain in ("natural", "medical"):
         assert [e.value for e in events.Scalars(f"val/episodes/{domain}")] == [4.0]
     assert events.Scalars("val/align")[-1].value > 0  # each rank's batches hold both domains
+
+
+def test_intra_op_threads_share_the_available_cores_among_ranks_and_loader_workers(monkeypatch):
+    import metacontrastive.cli as cli
+
+    monkeypatch.setattr(cli, "available_cores", lambda: 16)
+    assert cli.intra_op_threads(None, workers=0) == 16
+    assert cli.intra_op_threads(None, workers=2) == 14
+    assert cli.intra_op_threads(None, workers=2, local_ranks=4) == 2
+    assert cli.intra_op_threads(None, workers=8, local_ranks=4) == 1  # never below one
+    assert cli.intra_op_threads(3, workers=8, local_ranks=4) == 3  # asked for
+
+
+def test_available_cores_is_at_least_one_and_at_most_the_machines():
+    import os
+
+    from metacontrastive.cli import available_cores
+
+    assert 1 <= available_cores() <= os.cpu_count()

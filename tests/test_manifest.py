@@ -2,7 +2,6 @@
 import logging
 
 import pytest
-import torch
 
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.manifest import manifest_url
