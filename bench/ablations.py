@@ -1,9 +1,9 @@
 """Train every ablation preset with the same budget and score them on the same test episodes.
 
 For each seed and each preset in conf/ablations/ (plain contrastive, + conditioning, + MAML, full
-method, projection baseline) this script trains with conf/default.yaml plus the preset (and any
---config files after it), then scores the last checkpoint with ``metacontrastive.evaluation`` on the
-fixed, seeded test episodes of every domain: the same episodes for every preset, method and seed.
+method, projection baseline) this script trains with conf/default.yaml, any --config files (the recipe
+the preset changes, e.g. conf/real.yaml), then the preset, and scores the last checkpoint with
+``metacontrastive.evaluation`` on the fixed, seeded test episodes of every domain: the same episodes for every preset, method and seed.
 Rows are ``<preset>/<method>`` (the ``pixels`` floor once); with several seeds, the table shows the
 mean over seeds and the spread across them. Files in --out: results.json, results.csv, results.md and
 accuracy_vs_shots.png for the table (``metacontrastive.reporting``), runs.json with every seed's rows,
@@ -32,9 +32,11 @@ PRESETS = ("contrastive", "conditioned", "maml", "full", "projection")
 
 
 def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
-    configs = ["-c", "conf/default.yaml", "-c", f"conf/ablations/{preset}.yaml"]
+    # the recipe (default + --config files), then the preset's changes to it
+    configs = ["-c", "conf/default.yaml"]
     for extra in args.config:
         configs += ["-c", extra]
+    configs += ["-c", f"conf/ablations/{preset}.yaml"]
     overrides = [
         f"--data.domains=[{args.domains}]", f"--data.root={args.root}", f"--trainer.max_steps={args.steps}",
         f"--trainer.logger.init_args.save_dir={args.out}", f"--trainer.logger.init_args.version=seed{seed}",
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--methods", default="dcmcl,zero_shot,prototype,finetune", help=f"from {list(METHODS)}")
-    parser.add_argument("--config", action="append", default=[], help="more config files after the preset (repeatable)")
+    parser.add_argument("--config", action="append", default=[], help="the recipe: config files after conf/default.yaml and before the preset (repeatable)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

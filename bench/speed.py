@@ -9,6 +9,7 @@ timed ones, and prints one JSON line. Measured:
   1 or 5 inner steps: ms/step, the ratio to the plain step, FLOPs per step (``torch.profiler``'s count),
   achieved FLOP/s as a fraction of ``gemm``, and peak memory (GPU only);
 - ``tasks``: 4 against 16 tasks per meta-batch (peak memory; a GPU that runs out says so);
+- ``engine``: the torch.func engine (``meta_engine=func``) against learn2learn's at 8 tasks, 1 and 5 inner steps;
 - ``grid``: step time as ways, shots and tasks grow (film+heads, second order).
 
 Presets: ``tiny`` (the default towers at 32 px, the CPU configuration) and ``vit`` (a random ViT-B/16 at
@@ -192,6 +193,14 @@ def run(args) -> list[dict]:
             for name, plain, options in CONFIGS[:2]:
                 m = _measure(bench, lambda: bench.module(plain, **options), dataclasses.replace(shape, tasks=tasks))
                 _emit({"measure": "tasks", "config": name, "tasks": tasks, **m}, rows)
+        for steps in (1, 5):  # the torch.func engine against learn2learn's at 8 tasks
+            base = None
+            for engine in ("l2l", "func"):
+                m = _measure(bench, lambda: bench.module(False, meta_engine=engine, inner_steps=steps),
+                             dataclasses.replace(shape, tasks=8))
+                base = base or m.get("ms")
+                _emit({"measure": "engine", "engine": engine, "inner_steps": steps, "tasks": 8, **m,
+                       "speedup_vs_l2l": base / m["ms"] if "ms" in m and base else None}, rows)
         for ways, shots, tasks in [(5, 1, 4), (5, 5, 4), (10, 5, 4), (5, 5, 8), (20, 5, 4)]:
             grid = Shape(ways=ways, shots=shots, queries=shape.queries, tasks=tasks)
             m = _measure(bench, lambda: bench.module(False), grid)
@@ -216,6 +225,10 @@ def markdown(rows: list[dict], preset: str) -> str:
     lines += ["", "| configuration | tasks | ms/step | peak GiB |", "|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['tasks']} | {fmt(r.get('ms'), '.1f') or r.get('error')} | {fmt(r.get('peak_gib'), '.1f')} |"
               for r in rows if r["measure"] == "tasks"]
+    lines += ["", "| engine (film+heads, 2nd order, 8 tasks) | inner steps | ms/step | speed-up vs l2l | peak GiB |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['engine']} | {r['inner_steps']} | {fmt(r.get('ms'), '.1f') or r.get('error')} | "
+              f"{fmt(r.get('speedup_vs_l2l'), '.2f')} | {fmt(r.get('peak_gib'), '.1f')} |" for r in rows if r["measure"] == "engine"]
     lines += ["", "| ways | shots | tasks | images | ms/step | peak GiB |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['ways']} | {r['shots']} | {r['tasks']} | {r['images']} | {fmt(r.get('ms'), '.1f') or r.get('error')} | "
               f"{fmt(r.get('peak_gib'), '.1f')} |" for r in rows if r["measure"] == "grid"]

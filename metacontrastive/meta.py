@@ -12,13 +12,16 @@ query loss keeps its graph), validation and the ``dcmcl`` method of ``metacontra
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metacontrastive.data.episodes import Task
@@ -28,8 +31,9 @@ from metacontrastive.models.clip import DomainConditionedCLIP
 with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints a notice on import
     from learn2learn.algorithms import MAML, MetaSGD
 
-__all__ = ["ADAPT_SCOPES", "ALGORITHMS", "AdaptScope", "Adapted", "Algorithm", "Rows", "TaskView", "adapt",
-           "adapt_and_score", "batch_features", "blend_domains", "build_learner", "class_means", "towers_batch"]
+__all__ = ["ADAPT_SCOPES", "ALGORITHMS", "ENGINES", "AdaptScope", "Adapted", "Algorithm", "Engine", "FunctionalParts",
+           "Rows", "TaskView", "adapt", "adapt_and_score", "batch_features", "blend_domains", "build_learner",
+           "class_means", "func_adapt_and_score", "func_batchable", "towers_batch"]
 
 ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "film": ("film_image", "film_text"),
@@ -38,6 +42,8 @@ ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "all": ("image_tower", "text_tower", "domain", "film_image", "film_text", "head_image", "head_text"),
 }
 ALGORITHMS = {"maml": MAML, "metasgd": MetaSGD}
+ENGINES = ("l2l", "func")  # learn2learn's clone-and-update, or torch.func over the tasks of a meta-batch
+Engine = Literal[ENGINES]
 AdaptScope = Literal[tuple(ADAPT_SCOPES)]  # the allowed values, for LightningCLI, written once above
 Algorithm = Literal[tuple(ALGORITHMS)]
 
@@ -282,3 +288,85 @@ def adapt_and_score(
         with torch.no_grad():
             support_losses.append(view.loss(view.support, clone.module)[0])
     return Adapted(loss, z_query, z_text, view.query.texts, support_losses)
+
+
+class FunctionalParts(Mapping):
+    """The adapted parts as pure functions of a flat parameter dict ``{"<part>.<parameter>": tensor}``
+    (``torch.func.functional_call``): what ``TaskView`` takes as ``fast``, for transforms such as ``vmap``."""
+
+    def __init__(self, parts: nn.ModuleDict, params: Mapping[str, torch.Tensor]) -> None:
+        self.parts, self.params = parts, params
+
+    def __getitem__(self, name: str) -> Callable[..., torch.Tensor]:
+        own = {key.split(".", 1)[1]: value for key, value in self.params.items() if key.split(".", 1)[0] == name}
+        module = self.parts[name]
+        return lambda *args: functional_call(module, own, args)
+
+    def __iter__(self):
+        return iter(self.parts.keys())
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+def func_batchable(views: list[TaskView]) -> bool:
+    """Whether ``func_adapt_and_score`` can take these tasks in one ``vmap``: tower features computed, integer
+    domain rows, and the same shape and label layout in every task."""
+    first = views[0]
+    return all(
+        v._features is not None and isinstance(v.domain_row, int) and v.task.prompts == first.task.prompts
+        and v._features[0].shape == first._features[0].shape and v._features[1].shape == first._features[1].shape
+        and torch.equal(v.support.labels, first.support.labels) and torch.equal(v.query.labels, first.query.labels)
+        and v.support.index == first.support.index and v.query.index == first.query.index
+        for v in views)
+
+
+def func_adapt_and_score(
+    learner: MAML | MetaSGD, views: list[TaskView], steps: int, first_order: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``adapt_and_score`` for a whole meta-batch at once with torch.func: ``grad`` for the inner steps and
+    ``vmap`` over the tasks, from the same fast weights and learning rates as the learner's (the outer
+    gradients equal learn2learn's; ``tests/test_meta.py``). The tasks must be ``func_batchable``.
+
+    Returns:
+        (T,) query losses, (T, Q, D) adapted query image embeddings, (T,) support losses before the first
+        step (detached; the query loss when ``steps`` is 0).
+    """
+    first_order = learner.first_order if first_order is None else first_order
+    parts = learner.module
+    params = {f"{part}.{name}": p for part, module in parts.items() for name, p in module.named_parameters()
+              if p.requires_grad}
+    if isinstance(learner, MetaSGD):  # one learned rate per parameter, in the order of the parts' parameters
+        rates = {f"{part}.{name}": lr for (part, name), lr in zip(
+            ((part, name) for part, module in parts.items() for name, _ in module.named_parameters()), learner.lrs)}
+    else:
+        rates = dict.fromkeys(params, learner.lr)
+    template = copy.copy(views[0])
+
+    def view_of(h_image, h_text, row) -> TaskView:
+        view = copy.copy(template)
+        view._features, view.domain_row = (h_image, h_text), row
+        return view
+
+    def one_task(h_image, h_text, row):
+        def support_loss(p):
+            view = view_of(h_image, h_text, row)
+            return view.loss(view.support, FunctionalParts(parts, p))[0]
+
+        fast, first_loss = params, None
+        for _ in range(steps):
+            grads, loss = torch.func.grad_and_value(support_loss)(fast)
+            first_loss = loss if first_loss is None else first_loss
+            fast = {name: fast[name] - rates[name] * (grads[name].detach() if first_order else grads[name])
+                    for name in fast}
+        view = view_of(h_image, h_text, row)
+        loss, z_query, _ = view.loss(view.query, FunctionalParts(parts, fast))
+        return loss, z_query, (first_loss if first_loss is not None else loss)
+
+    h_image = torch.stack([v._features[0] for v in views])  # (T, S + Q, F_I)
+    h_text = torch.stack([v._features[1] for v in views])  # (T, M, F_T)
+    rows = torch.tensor([v.domain_row for v in views], device=h_image.device)  # (T,)
+    kernel = contextlib.nullcontext() if first_order else sdpa_kernel(SDPBackend.MATH)
+    with torch.enable_grad(), kernel:
+        losses, z_query, support_losses = torch.func.vmap(one_task)(h_image, h_text, rows)
+    return losses, z_query, support_losses.detach()

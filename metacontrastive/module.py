@@ -28,8 +28,8 @@ from torch import nn
 from metacontrastive.data.episodes import Task
 from metacontrastive.losses import Alignment, alignment_loss
 from metacontrastive.meta import (
-    ADAPT_SCOPES, AdaptScope, Algorithm, TaskView, adapt_and_score, batch_features, blend_domains, build_learner,
-    towers_batch,
+    ADAPT_SCOPES, AdaptScope, Algorithm, Engine, TaskView, adapt_and_score, batch_features, blend_domains,
+    build_learner, func_adapt_and_score, func_batchable, towers_batch,
 )
 from metacontrastive.metrics import COLLAPSE, EpisodeMean, collapse_signs, episode_scores
 from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
@@ -123,6 +123,9 @@ class MetaContrastiveModule(L.LightningModule):
         eval_inner_steps: inner-loop steps at validation and test (default: ``inner_steps``).
         inner_lr: inner-loop learning rate alpha.
         first_order: first-order MAML.
+        meta_engine: how training adapts a meta-batch: ``l2l`` (learn2learn clones, one task after another) or
+            ``func`` (torch.func: ``grad`` inner steps, ``vmap`` over the meta-batch's tasks; same gradients).
+            ``func`` needs tasks of one shape and towers outside the scope; other meta-batches use ``l2l``.
         align: alignment regulariser, a key of ``metacontrastive.losses.ALIGNMENTS``.
         align_weight: lambda; 0 turns alignment off.
         align_on: align ``adapted`` or ``base`` (un-adapted) query image embeddings.
@@ -159,6 +162,7 @@ class MetaContrastiveModule(L.LightningModule):
         eval_inner_steps: int | None = None,
         inner_lr: float = 0.1,
         first_order: bool = False,
+        meta_engine: Engine = "l2l",
         align: Alignment = "mmd",
         align_weight: float = 0.1,
         align_on: Literal["adapted", "base"] = "adapted",
@@ -232,14 +236,28 @@ class MetaContrastiveModule(L.LightningModule):
             blend_domains(view, list(range(len(self.domains))))
         return view
 
+    def row_of(self, task: Task, train: bool) -> int:
+        """The domain row a task is conditioned on: its domain's, or ``unknown`` under domain dropout."""
+        if train and self.hparams.domain_dropout > 0 and random.random() < self.hparams.domain_dropout:
+            return self.model.unknown_domain
+        return self.domain_row(task.domain)
+
     # ------------------------------------------------------------------ the algorithm
+    def func_task_steps(self, batch: list[Task], features: list) -> list[TaskResult] | None:
+        """The training tasks of a meta-batch adapted together by the torch.func engine (``meta_engine=func``);
+        None when they cannot be (shapes differ), and then each goes through ``task_step``."""
+        views = [self.view_of(task, self.row_of(task, True), True, f) for task, f in zip(batch, features)]
+        if not func_batchable(views):
+            return None
+        losses, z_query, support_losses = func_adapt_and_score(self.learner, views, self.hparams.inner_steps)
+        base = self.hparams.align_on == "base" and self.hparams.align_weight > 0
+        return [TaskResult(losses[i], view.embed(view.query)[0] if base else z_query[i], support_losses[i])
+                for i, view in enumerate(views)]
+
     def task_step(self, task: Task, train: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskResult:
         """Adapt to one task's support set (unless plain training) and score its query set."""
         hp = self.hparams
-        row = self.domain_row(task.domain)
-        if train and hp.domain_dropout > 0 and random.random() < hp.domain_dropout:
-            row = self.model.unknown_domain
-        view = self.view_of(task, row, train, features)
+        view = self.view_of(task, self.row_of(task, train), train, features)
         if train and hp.method != "dcmcl":  # plain contrastive training on all pairs of the task
             loss, z_both, _ = view.loss(view.both)
             with torch.no_grad():
@@ -264,7 +282,11 @@ class MetaContrastiveModule(L.LightningModule):
         hp, train = self.hparams, stage == "train"
         # the towers run once per meta-batch when they can (see meta.towers_batch), else once per task
         features = batch_features(self.model, batch) if towers_batch(self.model, self.towers_adapt) else [None] * len(batch)
-        results = [self.task_step(task, train, f) for task, f in zip(batch, features)]
+        results = None
+        if train and hp.meta_engine == "func" and hp.method == "dcmcl" and not self.towers_adapt:
+            results = self.func_task_steps(batch, features)
+        if results is None:
+            results = [self.task_step(task, train, f) for task, f in zip(batch, features)]
         query_loss = torch.stack([r.loss for r in results]).mean()
         z = torch.cat([r.z_align for r in results])  # (sum Q, D)
         ids = torch.cat([torch.full((len(r.z_align),), t.domain_id, device=z.device) for r, t in zip(results, batch)])
