@@ -28,11 +28,12 @@ from metacontrastive.runs import resolve_run, run_folder
 __all__ = ["MetaCLI", "available_cores", "evaluate_main", "intra_op_threads", "main"]
 
 
-def available_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup (container) CPU quota."""
+def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup (container) CPU quota, read from
+    ``cpu_max`` (cgroup v2: "<quota> <period>" or "max <period>")."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cpu_max.read_text().split()
         if quota != "max":
             cores = min(cores, max(1, int(int(quota) // int(period))))
     except (OSError, ValueError):

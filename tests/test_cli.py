@@ -157,9 +157,17 @@ def test_intra_op_threads_share_the_available_cores_among_ranks_and_loader_worke
     assert cli.intra_op_threads(3, workers=8, local_ranks=4) == 3  # asked for
 
 
-def test_available_cores_is_at_least_one_and_at_most_the_machines():
+def test_available_cores_are_the_affinity_capped_by_a_cgroup_quota(tmp_path, monkeypatch):
     import os
 
     from metacontrastive.cli import available_cores
 
-    assert 1 <= available_cores() <= os.cpu_count()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert available_cores(cpu_max) == 4  # no quota
+    cpu_max.write_text("250000 100000\n")
+    assert available_cores(cpu_max) == 2  # 2.5 cores of quota
+    cpu_max.write_text("50000 100000\n")
+    assert available_cores(cpu_max) == 1  # half a core: still one thread
+    assert available_cores(tmp_path / "absent") == 4  # no cgroup v2 file
