@@ -333,12 +333,10 @@ def func_adapt_and_score(
         step (detached; the query loss when ``steps`` is 0).
     """
     first_order = learner.first_order if first_order is None else first_order
-    parts = learner.module
-    params = {f"{part}.{name}": p for part, module in parts.items() for name, p in module.named_parameters()
-              if p.requires_grad}
+    parts = learner.module  # a ModuleDict: parameter names are "<part>.<parameter>"
+    params = {name: p for name, p in parts.named_parameters() if p.requires_grad}
     if isinstance(learner, MetaSGD):  # one learned rate per parameter, in the order of the parts' parameters
-        rates = {f"{part}.{name}": lr for (part, name), lr in zip(
-            ((part, name) for part, module in parts.items() for name, _ in module.named_parameters()), learner.lrs)}
+        rates = dict(zip((name for name, _ in parts.named_parameters()), learner.lrs))
     else:
         rates = dict.fromkeys(params, learner.lr)
     template = copy.copy(views[0])

@@ -236,28 +236,24 @@ class MetaContrastiveModule(L.LightningModule):
             blend_domains(view, list(range(len(self.domains))))
         return view
 
-    def row_of(self, task: Task, train: bool) -> int:
-        """The domain row a task is conditioned on: its domain's, or ``unknown`` under domain dropout."""
+    def task_view(self, task: Task, train: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskView:
+        """``view_of`` the task's own domain row, or of ``unknown`` under domain dropout (training)."""
+        row = self.domain_row(task.domain)
         if train and self.hparams.domain_dropout > 0 and random.random() < self.hparams.domain_dropout:
-            return self.model.unknown_domain
-        return self.domain_row(task.domain)
+            row = self.model.unknown_domain
+        return self.view_of(task, row, train, features)
 
     # ------------------------------------------------------------------ the algorithm
-    def func_task_steps(self, batch: list[Task], features: list) -> list[TaskResult] | None:
-        """The training tasks of a meta-batch adapted together by the torch.func engine (``meta_engine=func``);
-        None when they cannot be (shapes differ), and then each goes through ``task_step``."""
-        views = [self.view_of(task, self.row_of(task, True), True, f) for task, f in zip(batch, features)]
-        if not func_batchable(views):
-            return None
+    def func_task_steps(self, views: list[TaskView]) -> list[TaskResult]:
+        """Training tasks adapted together by the torch.func engine (``meta_engine=func``; ``func_batchable``)."""
         losses, z_query, support_losses = func_adapt_and_score(self.learner, views, self.hparams.inner_steps)
         base = self.hparams.align_on == "base" and self.hparams.align_weight > 0
         return [TaskResult(losses[i], view.embed(view.query)[0] if base else z_query[i], support_losses[i])
                 for i, view in enumerate(views)]
 
-    def task_step(self, task: Task, train: bool, features: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskResult:
+    def task_step(self, view: TaskView, train: bool) -> TaskResult:
         """Adapt to one task's support set (unless plain training) and score its query set."""
-        hp = self.hparams
-        view = self.view_of(task, self.row_of(task, train), train, features)
+        hp, task = self.hparams, view.task
         if train and hp.method != "dcmcl":  # plain contrastive training on all pairs of the task
             loss, z_both, _ = view.loss(view.both)
             with torch.no_grad():
@@ -282,11 +278,11 @@ class MetaContrastiveModule(L.LightningModule):
         hp, train = self.hparams, stage == "train"
         # the towers run once per meta-batch when they can (see meta.towers_batch), else once per task
         features = batch_features(self.model, batch) if towers_batch(self.model, self.towers_adapt) else [None] * len(batch)
-        results = None
-        if train and hp.meta_engine == "func" and hp.method == "dcmcl" and not self.towers_adapt:
-            results = self.func_task_steps(batch, features)
-        if results is None:
-            results = [self.task_step(task, train, f) for task, f in zip(batch, features)]
+        views = [self.task_view(task, train, f) for task, f in zip(batch, features)]
+        if train and hp.meta_engine == "func" and hp.method == "dcmcl" and func_batchable(views):
+            results = self.func_task_steps(views)
+        else:  # learn2learn, one task after another (also the func engine's fallback for mixed shapes)
+            results = [self.task_step(view, train) for view in views]
         query_loss = torch.stack([r.loss for r in results]).mean()
         z = torch.cat([r.z_align for r in results])  # (sum Q, D)
         ids = torch.cat([torch.full((len(r.z_align),), t.domain_id, device=z.device) for r, t in zip(results, batch)])

@@ -62,7 +62,7 @@ def test_evaluation_adapts_under_no_grad_and_predicts_the_adapted_nearest_prompt
     task = _task(0)
     with torch.no_grad():  # as in Lightning's validation loop: adaptation must still get gradients
         adapted = adapt_and_score(module.learner, TaskView(module.model, task, 0), steps=3, first_order=True)
-        result = module.task_step(task, train=False)
+        result = module.task_step(module.task_view(task, train=False), train=False)
     losses = torch.stack(adapted.support_losses)
     assert len(losses) == 3 and (losses[1:] < losses[:-1]).all()  # each inner step lowers the support loss
     assert torch.equal(result.predictions, adapted.predictions())
