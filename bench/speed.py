@@ -7,10 +7,14 @@ timed ones, and prints one JSON line. Measured:
 - ``gemm``: a dense matrix product (bf16 on a GPU, fp32 on a CPU): the machine's achievable FLOP/s;
 - ``step``: plain contrastive (no conditioning, no inner loop), then DCMCL for each adapted scope, order and
   1 or 5 inner steps: ms/step, the ratio to the plain step, FLOPs per step (``torch.profiler``'s count),
-  achieved FLOP/s as a fraction of ``gemm``, and peak memory (GPU only);
-- ``tasks``: 4 against 16 tasks per meta-batch (peak memory; a GPU that runs out says so);
+  achieved FLOP/s as a fraction of ``gemm``, and peak memory;
+- ``tasks``: 4 against 16 tasks per meta-batch, one backward through the meta-batch against one per task
+  (``model.backward_per_task``; peak memory; a GPU that runs out says so);
 - ``engine``: the torch.func engine (``meta_engine=func``) against learn2learn's at 8 tasks, 1 and 5 inner steps;
 - ``grid``: step time as ways, shots and tasks grow (film+heads, second order).
+
+Peak memory: on a GPU, the allocator's peak; on a CPU (Linux), the peak resident memory above the start of
+the measurement (freed heap is handed back first, ``malloc_trim``, so that reused memory does not hide it).
 
 Presets: ``tiny`` (the default towers at 32 px, the CPU configuration) and ``vit`` (a random ViT-B/16 at
 224 px and a random BERT of MiniLM's shape written to a temporary folder, bf16 autocast: the GPU
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -77,6 +82,35 @@ def _random_minilm(folder: Path) -> str:
     return f"hf:{folder}"
 
 
+def _resident_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS now, VmHWM the peak since the last reset); None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class CpuPeak:
+    """Peak resident memory of this process above its level at ``start()`` (Linux): freed heap is returned to
+    the system first (glibc's ``malloc_trim``) and the kernel's high-water mark reset (``/proc/self/clear_refs``)."""
+
+    def start(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = _resident_kib("VmRSS")
+        except OSError:
+            self.base = None
+
+    def gib(self) -> float | None:
+        peak = _resident_kib("VmHWM")
+        return None if self.base is None or peak is None else (peak - self.base) / 2**20
+
+
 class Bench:
     def __init__(self, preset: str, device: torch.device, steps: int, warmup: int, text_folder: Path) -> None:
         self.device, self.steps, self.warmup = device, steps, warmup
@@ -90,9 +124,10 @@ class Bench:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and preset == "vit"
                          else contextlib.nullcontext())
 
-    def module(self, plain: bool, **options) -> MetaContrastiveModule:
+    def module(self, plain: bool, encoder_options: dict | None = None, **options) -> MetaContrastiveModule:
         torch.manual_seed(0)
-        encoder = dataclasses.replace(self.encoder, condition_image=not plain, condition_text=not plain)
+        encoder = dataclasses.replace(self.encoder, condition_image=not plain, condition_text=not plain,
+                                      **(encoder_options or {}))
         kwargs = dict(method="contrastive", align_weight=0.0) if plain else dict(method="dcmcl", domain_dropout=0.0)
         module = MetaContrastiveModule(encoder=encoder, **kwargs, **options).to(self.device).train()
         module.log = lambda *args, **kwargs: None  # no Trainer here: nothing to log to
@@ -103,8 +138,14 @@ class Bench:
             torch.cuda.synchronize()
 
     def time_step(self, module: MetaContrastiveModule, shape: Shape) -> dict:
-        """ms per step, FLOPs per step and peak GiB (GPU) of meta_step + backward + AdamW."""
+        """ms per step, FLOPs per step and peak GiB of meta_step + backward + AdamW (the peak over every step,
+        warm-up included: the first step allocates the optimizer's state)."""
         batch = _tasks(shape, self.size, self.device)
+        cpu_peak = CpuPeak()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            cpu_peak.start()
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 
         def step():
@@ -119,15 +160,13 @@ class Bench:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as profile:
             step()  # FLOPs of matrix products and convolutions, forward and backward (the profiler's count)
         flop = sum(e.flops for e in profile.key_averages() if e.flops)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         self._sync()
         start = time.perf_counter()
         for _ in range(self.steps):
             step()
         self._sync()
         ms = 1000 * (time.perf_counter() - start) / self.steps
-        peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else cpu_peak.gib()
         return {"ms": ms, "flop": flop, "peak_gib": peak}
 
     def gemm(self, n: int | None = None) -> float:
@@ -153,7 +192,12 @@ CONFIGS = [  # (name, plain, options)
     ("dcmcl film+heads, 2nd order, 5 inner steps", False, dict(adapt_scope="film+heads", inner_steps=5)),
     ("dcmcl all, 1st order", False, dict(adapt_scope="all", first_order=True)),
     ("dcmcl all, 2nd order", False, dict(adapt_scope="all")),
+    ("dcmcl all, 2nd order, backward per task", False, dict(adapt_scope="all", backward_per_task=True)),
 ]
+PER_TASK = ("dcmcl film+heads, 2nd order, 1 inner step, backward per task", False,
+            dict(adapt_scope="film+heads", inner_steps=1, backward_per_task=True))
+CHECKPOINTED = ("dcmcl film+heads, 2nd order, 1 inner step, backward per task, towers checkpointed", False,
+                dict(adapt_scope="film+heads", inner_steps=1, backward_per_task=True), dict(grad_checkpointing=True))
 
 
 def _emit(row: dict, rows: list[dict]) -> None:
@@ -189,9 +233,11 @@ def run(args) -> list[dict]:
                 m |= {"vs_plain": m["ms"] / plain_ms, "flop_per_s": m["flop"] / (m["ms"] / 1000),
                       "of_gemm_peak": m["flop"] / (m["ms"] / 1000) / peak}
             _emit({"measure": "step", "config": name, **m}, rows)
+        # tower checkpointing where the towers have it (timm and transformers: the vit preset)
+        per_task = [(*config, None) for config in (*CONFIGS[:2], PER_TASK)] + ([CHECKPOINTED] if args.preset == "vit" else [])
         for tasks in (4, 16):
-            for name, plain, options in CONFIGS[:2]:
-                m = _measure(bench, lambda: bench.module(plain, **options), dataclasses.replace(shape, tasks=tasks))
+            for name, plain, options, encoder in per_task:
+                m = _measure(bench, lambda: bench.module(plain, encoder, **options), dataclasses.replace(shape, tasks=tasks))
                 _emit({"measure": "tasks", "config": name, "tasks": tasks, **m}, rows)
         for steps in (1, 5):  # the torch.func engine against learn2learn's at 8 tasks
             base = None

@@ -126,6 +126,11 @@ class MetaContrastiveModule(L.LightningModule):
         meta_engine: how training adapts a meta-batch: ``l2l`` (learn2learn clones, one task after another) or
             ``func`` (torch.func: ``grad`` inner steps, ``vmap`` over the meta-batch's tasks; same gradients).
             ``func`` needs tasks of one shape and towers outside the scope; other meta-batches use ``l2l``.
+        backward_per_task: in training, differentiate each task's graph as soon as its part of the objective is
+            known and free it, so that memory holds one task's inner-loop graph plus the tower activations instead
+            of every task's graph (``backward_each_task``; the same gradients). Takes the ``l2l`` path. With the
+            alignment term on, every task's inner loop runs twice (once without a graph). With ``16-mixed``
+            precision the per-task gradients are not loss-scaled: use ``bf16-mixed``.
         align: alignment regulariser, a key of ``metacontrastive.losses.ALIGNMENTS``.
         align_weight: lambda; 0 turns alignment off.
         align_on: align ``adapted`` or ``base`` (un-adapted) query image embeddings.
@@ -163,6 +168,7 @@ class MetaContrastiveModule(L.LightningModule):
         inner_lr: float = 0.1,
         first_order: bool = False,
         meta_engine: Engine = "l2l",
+        backward_per_task: bool = False,
         align: Alignment = "mmd",
         align_weight: float = 0.1,
         align_on: Literal["adapted", "base"] = "adapted",
@@ -251,8 +257,9 @@ class MetaContrastiveModule(L.LightningModule):
         return [TaskResult(losses[i], view.embed(view.query)[0] if base else z_query[i], support_losses[i])
                 for i, view in enumerate(views)]
 
-    def task_step(self, view: TaskView, train: bool) -> TaskResult:
-        """Adapt to one task's support set (unless plain training) and score its query set."""
+    def task_step(self, view: TaskView, train: bool, first_order: bool | None = None) -> TaskResult:
+        """Adapt to one task's support set (unless plain training) and score its query set; ``first_order``
+        overrides the training order (evaluation always adapts first order: it needs no outer gradient)."""
         hp, task = self.hparams, view.task
         if train and hp.method != "dcmcl":  # plain contrastive training on all pairs of the task
             loss, z_both, _ = view.loss(view.both)
@@ -260,7 +267,7 @@ class MetaContrastiveModule(L.LightningModule):
                 support_loss = view.loss(view.support)[0]
             return TaskResult(loss, z_both[view.query.index], support_loss)
         adapted = adapt_and_score(self.learner, view, hp.inner_steps if train else self.eval_steps,
-                                  first_order=None if train else True, final_support_loss=not train)
+                                  first_order=first_order if train else True, final_support_loss=not train)
         z_align = view.embed(view.query)[0] if hp.align_on == "base" and hp.align_weight > 0 else adapted.z_query
         support_loss = adapted.support_losses[0] if adapted.support_losses else adapted.loss.detach()
         if train or not task.labelled:
@@ -279,18 +286,19 @@ class MetaContrastiveModule(L.LightningModule):
         # the towers run once per meta-batch when they can (see meta.towers_batch), else once per task
         features = batch_features(self.model, batch) if towers_batch(self.model, self.towers_adapt) else [None] * len(batch)
         views = [self.task_view(task, train, f) for task, f in zip(batch, features)]
-        if train and hp.meta_engine == "func" and hp.method == "dcmcl" and func_batchable(views):
-            results = self.func_task_steps(views)
-        else:  # learn2learn, one task after another (also the func engine's fallback for mixed shapes)
-            results = [self.task_step(view, train) for view in views]
-        query_loss = torch.stack([r.loss for r in results]).mean()
-        z = torch.cat([r.z_align for r in results])  # (sum Q, D)
-        ids = torch.cat([torch.full((len(r.z_align),), t.domain_id, device=z.device) for r, t in zip(results, batch)])
-        if hp.gather_align and hp.align_weight > 0 and self._trainer is not None and self.trainer.world_size > 1:
-            z, ids = self.gather_rows(z, ids)
-        align = alignment_loss(z, ids, hp.align) if hp.align_weight > 0 else z.new_zeros(())
-        ramp = min(1.0, (self.global_step + 1) / hp.align_warmup_steps) if train and hp.align_warmup_steps > 0 else 1.0
-        loss = query_loss + ramp * hp.align_weight * align
+        weight = self.align_weight_now(train)
+        if train and hp.backward_per_task:
+            results, align, surrogate = self.backward_each_task(views, weight)
+            query_loss = torch.stack([r.loss for r in results]).mean()
+            loss = surrogate - surrogate.detach() + (query_loss + weight * align)  # the objective's value and gradient
+        else:
+            if train and hp.meta_engine == "func" and hp.method == "dcmcl" and func_batchable(views):
+                results = self.func_task_steps(views)
+            else:  # learn2learn, one task after another (also the func engine's fallback for mixed shapes)
+                results = [self.task_step(view, train) for view in views]
+            query_loss = torch.stack([r.loss for r in results]).mean()
+            align = self.alignment([r.z_align for r in results], batch)
+            loss = query_loss + weight * align
         if train and not torch.isfinite(loss):
             message = (f"outer loss is {loss.item()} at step {self.global_step} (query {query_loss.item()}, "
                        f"align {align.item()})")
@@ -316,6 +324,65 @@ class MetaContrastiveModule(L.LightningModule):
             if self.prototype_weight is not None:
                 self.log("train/prototype_weight", self.prototype_weight, batch_size=n)
         return loss
+
+    def align_weight_now(self, train: bool) -> float:
+        """lambda at this step: ``align_weight``, ramped up over ``align_warmup_steps`` in training."""
+        hp = self.hparams
+        ramp = min(1.0, (self.global_step + 1) / hp.align_warmup_steps) if train and hp.align_warmup_steps > 0 else 1.0
+        return ramp * hp.align_weight
+
+    def alignment(self, z_align: list[torch.Tensor], batch: list[Task]) -> torch.Tensor:
+        """R_align over the tasks' query embeddings (each (Q_i, D)), grouped by domain; over every rank's
+        with ``gather_align``; 0 when ``align_weight`` is 0."""
+        hp = self.hparams
+        z = torch.cat(z_align)  # (sum Q, D)
+        if hp.align_weight == 0:
+            return z.new_zeros(())
+        ids = torch.cat([torch.full((len(zi),), t.domain_id, device=z.device) for zi, t in zip(z_align, batch)])
+        if hp.gather_align and self._trainer is not None and self.trainer.world_size > 1:
+            z, ids = self.gather_rows(z, ids)
+        return alignment_loss(z, ids, hp.align)
+
+    def backward_each_task(self, views: list[TaskView], weight: float) -> tuple[list[TaskResult], torch.Tensor, torch.Tensor]:
+        """A training meta-batch differentiated one task at a time (``backward_per_task``).
+
+        Tower features that carry a graph are replaced by leaf copies, so that each task's graph ends at them:
+        it is differentiated (``torch.autograd.grad``) and freed as soon as its part of the objective is known,
+        and the gradients are summed. The towers are differentiated once, at the end, through the features'
+        summed gradients. The alignment term couples the tasks through their query embeddings z_i: a first pass
+        computes them (no graph kept), dR/dz_i is taken once, and each task's objective adds <z_i, dR/dz_i>
+        (the chain rule, term by term). The sum is the gradient of the whole objective (tests/test_meta.py).
+
+        Returns:
+            The detached results, the detached alignment term, and the surrogate: a scalar whose gradient is
+            the objective's (every parameter's summed gradient, and the features' through the towers).
+        """
+        batch = [view.task for view in views]
+        features, leaves = [], []  # tower outputs that carry a graph, and the leaves standing in for them
+        for view in views:
+            if view._features is not None:
+                pair = tuple(f.detach().requires_grad_(f.requires_grad) for f in view._features)
+                features += [f for f in view._features if f.requires_grad]
+                leaves += [f for f in pair if f.requires_grad]
+                view._features = pair
+        align, dz = views[0].images.new_zeros(()), [None] * len(views)
+        if weight > 0:
+            # the adapted embeddings' values only: first order gives the same weights without the second-order graph
+            z = [self.task_step(view, train=True, first_order=True).z_align.detach().requires_grad_() for view in views]
+            align = self.alignment(z, batch)
+            dz = torch.autograd.grad(weight * align, z)
+            align = align.detach()
+        params = [p for p in self.parameters() if p.requires_grad]
+        grads: list[torch.Tensor | None] = [None] * (len(params) + len(leaves))
+        results = []
+        for view, dz_i in zip(views, dz):
+            r = self.task_step(view, train=True)
+            objective = r.loss / len(views) + ((r.z_align * dz_i).sum() if dz_i is not None else 0.0)
+            new = torch.autograd.grad(objective, params + leaves, allow_unused=True)
+            grads = [b if a is None else a if b is None else a + b for a, b in zip(grads, new)]
+            results.append(TaskResult(r.loss.detach(), r.z_align.detach(), r.support_loss))
+        surrogate = sum(((x * g).sum() for x, g in zip(params + features, grads) if g is not None), align.new_zeros(()))
+        return results, align, surrogate
 
     def gather_rows(self, z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rank's query embeddings (with gradients to each rank's own) and domain ids, for an alignment

@@ -123,3 +123,22 @@ def test_caption_only_domains_give_caption_tasks_the_model_trains_on(tmp_path, w
     assert {t.domain for t in val} == {"natural", "web"}
     module.meta_step(val, "val")
     assert not module.episode_scores["val"]["web"]["acc"].update_called  # no accuracy for caption-only tasks
+
+
+def test_batches_are_pinned_for_a_cuda_trainer_unless_told(shard_root, small, batches):
+    dm = EpisodicDataModule(root=str(shard_root), **small)
+    assert not dm.train_dataloader().pin_memory  # no trainer, or a CPU one: pinning only costs a copy
+    on_gpu = SimpleNamespace(global_rank=0, current_epoch=0, global_step=0,
+                             strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    dm.trainer = on_gpu
+    assert dm.train_dataloader().pin_memory and dm.val_dataloader().pin_memory
+    told = EpisodicDataModule(root=str(shard_root), pin_memory=False, **small)
+    told.trainer = on_gpu
+    assert not told.train_dataloader().pin_memory
+    # what pinning does to a task (Task.pin_memory maps every tensor the same way)
+    task = batches(EpisodicDataModule(root=str(shard_root), **small), 1)[0][0]
+    mapped = task.map_tensors(torch.Tensor.double)
+    for name in ("support_images", "support_labels", "query_images", "query_labels"):
+        assert getattr(mapped, name).dtype == torch.float64
+        torch.testing.assert_close(getattr(mapped, name), getattr(task, name).double())
+    assert (mapped.texts, mapped.classes, mapped.domain) == (task.texts, task.classes, task.domain)

@@ -223,3 +223,32 @@ def test_importing_the_factory_leaves_timm_and_transformers_unimported():
 def test_text_towers_tokenize_on_the_device_of_their_parameters(clip_dir):
     for tower in (build_text_tower("tiny"), build_text_tower(f"hf-clip:{clip_dir}")):
         assert tower.cuda()(TEXTS).device.type == "cuda"
+
+
+@pytest.mark.parametrize("image, text", [("timm:vit_tiny_patch16_224", "tiny"), ("tiny", "minilm")])
+def test_gradient_checkpointing_keeps_the_gradients(image, text):
+    """Checkpointed towers recompute their activations in the backward pass: the same loss and gradients."""
+    from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
+
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = DomainConditionedCLIP(2, EncoderConfig(image_tower=image, text_tower=text, image_size=32,
+                                                       grad_checkpointing=checkpointing))
+        tower = model.image_tower if image.startswith("timm") else model.text_tower
+        on = tower.model.grad_checkpointing if image.startswith("timm") else tower.model.is_activation_checkpointing
+        assert on == checkpointing
+        z_image, z_text = model(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), TEXTS, 0)
+        (z_image[:3] * z_text).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and any("tower" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_names_the_towers_that_have_it():
+    from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
+
+    with pytest.raises(ValueError, match="no trainable tower supports it"):
+        DomainConditionedCLIP(2, EncoderConfig(grad_checkpointing=True))

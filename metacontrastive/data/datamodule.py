@@ -42,7 +42,7 @@ def _check_options(options: dict) -> None:
         if names is not None and (not names or len(set(names)) != len(names)):
             refuse(name, "name at least one domain, each once")
     for name, low in (("tasks_per_batch", 1), ("steps_per_epoch", 1), ("val_episodes", 1), ("test_episodes", 1),
-                      ("image_size", 8), ("num_workers", 0), ("shuffle_buffer", 0), ("reservoir", 1)):
+                      ("image_size", 8), ("num_workers", 0), ("prefetch", 1), ("shuffle_buffer", 0), ("reservoir", 1)):
         if options[name] < low:
             refuse(name, f"use {low} or more")
     for name in ("eval_ways", "eval_pool", "support_size", "query_size"):
@@ -84,6 +84,9 @@ class EpisodicDataModule(L.LightningDataModule):
         test_episodes: fixed test episodes per domain.
         image_size: side length images are resized to.
         num_workers: DataLoader workers for the training stream.
+        prefetch: meta-batches each training worker prepares ahead (DataLoader ``prefetch_factor``).
+        pin_memory: hand the model page-locked batches, which a GPU copies while it computes; None: when the
+            trainer runs on a CUDA device.
         shuffle_buffer: raw samples each training stream holds for shuffling.
         reservoir: records kept per class by the training sampler.
         eval_pool: records decoded per class of an evaluation split (caption-only: in total), the first
@@ -119,6 +122,8 @@ class EpisodicDataModule(L.LightningDataModule):
         test_episodes: int = 600,
         image_size: int = 32,
         num_workers: int = 0,
+        prefetch: int = 2,
+        pin_memory: bool | None = None,
         shuffle_buffer: int = 500,
         reservoir: int = 40,
         eval_pool: int | None = None,
@@ -200,7 +205,16 @@ class EpisodicDataModule(L.LightningDataModule):
         stream = MetaBatchStream(splits, self.shape, hp.tasks_per_batch, hp.domain_sampling, hp.steps_per_epoch,
                                  options, seed, rank, epoch, self._dropped)
         return DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0)
+                          persistent_workers=hp.num_workers > 0, pin_memory=self.pins_memory,
+                          prefetch_factor=hp.prefetch if hp.num_workers > 0 else None)
+
+    @property
+    def pins_memory(self) -> bool:
+        """Whether the loaders pin their batches: ``pin_memory``, or by default whether the trainer runs on CUDA."""
+        if self.hparams.pin_memory is not None:
+            return self.hparams.pin_memory
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        return device is not None and device.type == "cuda"
 
     def dropped(self) -> dict[str, dict[str, int]]:
         """Samples dropped so far on this rank, by domain and reason (``shards.DROP_REASONS``): the training
@@ -258,7 +272,7 @@ class EpisodicDataModule(L.LightningDataModule):
     def _fixed_loader(self, name: str) -> DataLoader:
         # items are whole meta-batches, so that a distributed sampler hands each rank mixed-domain batches
         batches = MetaBatches(self.fixed_episodes(name), self.hparams.tasks_per_batch)
-        return DataLoader(batches, batch_size=None, collate_fn=_identity)
+        return DataLoader(batches, batch_size=None, collate_fn=_identity, pin_memory=self.pins_memory)
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed_loader("val")

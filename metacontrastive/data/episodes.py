@@ -8,6 +8,7 @@ captions, and identical captions share a label. The streams that feed them live 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -56,6 +57,16 @@ class Task:
     @property
     def labelled(self) -> bool:
         return bool(self.classes)
+
+    def map_tensors(self, fn) -> Task:
+        """A copy with ``fn`` applied to each tensor (images and labels)."""
+        names = ("support_images", "support_labels", "query_images", "query_labels")
+        return dataclasses.replace(self, **{name: fn(getattr(self, name)) for name in names})
+
+    def pin_memory(self) -> Task:
+        """A copy in page-locked memory, which a GPU copies from asynchronously (the DataLoader calls this
+        with ``pin_memory=True``; Lightning then moves the batch with ``non_blocking``)."""
+        return self.map_tensors(torch.Tensor.pin_memory)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ class EncoderConfig:
         support_norm: outside training, the image tower's BatchNorm layers normalise each task with its
             support images' statistics (AdaBN on the support set; ``towers.base.support_statistics``)
             instead of running statistics gathered over every training domain.
+        grad_checkpointing: recompute the trainable timm and transformers towers' activations in the backward
+            pass instead of keeping them (``Tower.set_grad_checkpointing``): less memory for large towers and
+            meta-batches, about one more tower forward of time.
     """
 
     image_tower: str = "tiny"
@@ -76,6 +79,7 @@ class EncoderConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     support_norm: bool = False
+    grad_checkpointing: bool = False
 
 
 class DomainConditionedCLIP(nn.Module):
@@ -91,6 +95,13 @@ class DomainConditionedCLIP(nn.Module):
         self.config = config
         self.image_tower, self.text_tower = build_towers(config.image_tower, config.text_tower, config.image_pretrained,
                                                          config.image_size, config.freeze_image, config.freeze_text)
+        if config.grad_checkpointing:  # a frozen tower keeps no activations for a backward pass
+            towers = [t for t in (self.image_tower, self.text_tower) if not t.frozen and t.supports_grad_checkpointing]
+            if not towers:
+                raise ValueError("model.encoder.grad_checkpointing=true, but no trainable tower supports it (timm: and "
+                                 "hf: / minilm towers do; the small built-in towers keep few activations): set it to false")
+            for tower in towers:
+                tower.set_grad_checkpointing(True)
         img_dim, txt_dim = self.image_tower.out_dim, self.text_tower.out_dim
         conditioned = config.condition_image or config.condition_text
         # without conditioning there is no domain embedding at all: an unused parameter breaks DDP

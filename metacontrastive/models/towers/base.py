@@ -27,6 +27,7 @@ class Tower(nn.Module):
 
     out_dim: int
     frozen: bool = False
+    supports_grad_checkpointing: bool = False  # timm and transformers towers: their libraries checkpoint by block
 
     def freeze(self) -> Tower:
         """Freeze every parameter and switch to eval mode for good; returns the tower."""
@@ -36,6 +37,11 @@ class Tower(nn.Module):
 
     def train(self, mode: bool = True) -> Tower:
         return super().train(mode and not self.frozen)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> Tower:
+        """Keep only some activations in training and recompute the rest in the backward pass (less memory,
+        about one more forward of time), where ``supports_grad_checkpointing``; returns the tower."""
+        raise ValueError(f"{type(self).__name__} has no gradient checkpointing (timm: and hf: / minilm towers have)")
 
 
 def resize(images: torch.Tensor, size: tuple[int, int] | None, mode: str = "bilinear") -> torch.Tensor:

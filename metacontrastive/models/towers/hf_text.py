@@ -27,6 +27,21 @@ class HFTextTower(Tower):
         self.max_length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
         self.out_dim = model.config.hidden_size
 
+    supports_grad_checkpointing = True
+
+    def set_grad_checkpointing(self, enable: bool = True) -> HFTextTower:
+        # layer by layer, non-reentrant; transformers 5 renamed gradient_* to activation_checkpointing_*
+        renamed = hasattr(self.model, "activation_checkpointing_enable")
+        if enable:
+            kwargs = {"use_reentrant": False}
+            if renamed:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            (self.model.activation_checkpointing_disable if renamed else self.model.gradient_checkpointing_disable)()
+        return self
+
     def forward(self, texts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(parameter_device(self))  # (B, L) ids and mask

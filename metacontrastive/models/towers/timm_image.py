@@ -43,6 +43,12 @@ class TimmImageTower(Tower):
         # some heads (MobileNetV3, ...) add a layer after pooling: head_hidden_size is then the output size
         self.out_dim = getattr(model, "head_hidden_size", None) or model.num_features
 
+    supports_grad_checkpointing = True
+
+    def set_grad_checkpointing(self, enable: bool = True) -> TimmImageTower:
+        self.model.set_grad_checkpointing(enable)  # timm checkpoints block by block
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = resize(images, self.input_size, self.interpolation)  # (B, 3, S, S)
         return self.model((x - self.mean) / self.std)  # (B, out_dim)
