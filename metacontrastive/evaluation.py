@@ -30,6 +30,7 @@ Evaluation never trains the model and never keeps a second-order graph: ``dcmcl`
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
@@ -44,8 +45,10 @@ from metacontrastive.data.episodes import Task
 from metacontrastive.data.tasks import FixedEpisodes
 from metacontrastive.losses import contrastive_loss
 from metacontrastive.meta import TaskView, adapt_and_score, class_means
-from metacontrastive.metrics import EpisodeMean, episode_scores
+from metacontrastive.metrics import COLLAPSE, EpisodeMean, episode_scores, mean_cosine
 from metacontrastive.models.clip import ProjectionHead
+
+log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "Episode", "EvalOptions", "Result", "evaluate", "predict"]
 
@@ -392,9 +395,12 @@ def evaluate(
             scores = {m: {"acc": EpisodeMean(sync_on_compute=False), "f1": EpisodeMean(sync_on_compute=False)}
                       for m in methods}
             seconds = dict.fromkeys(methods, 0.0)
+            prompt_cos = EpisodeMean(sync_on_compute=False)
             for first in range(0, len(episodes), chunk):
                 batch = [Episode.of(module, _to(episodes[i], device), row)
                          for i in range(first, min(first + chunk, len(episodes)))]
+                for ep in batch:
+                    prompt_cos.update(mean_cosine(ep.z_text).cpu())
                 targets = torch.stack([ep.task.query_labels for ep in batch])  # (B, Q)
                 for method in methods:
                     start = time.perf_counter()
@@ -406,6 +412,7 @@ def evaluate(
                         scores[method]["f1"].update(f1.cpu())
                 bar.update(len(batch))
             known = row != module.model.unknown_domain
+            _warn_collapsed_prompts(domain, float(prompt_cos.compute()["mean"]), methods)
             for method in methods:
                 acc, f1 = scores[method]["acc"].compute(), scores[method]["f1"].compute()
                 results.append(Result(
@@ -421,8 +428,18 @@ def evaluate(
     return results
 
 
+def _warn_collapsed_prompts(domain: str, cosine: float, methods: list[str]) -> None:
+    """Warn when the model's un-adapted class prompts of a domain point the same way: the methods that read
+    them before any adaptation (``zero_shot``, ``tip_adapter``) then answer alike for every query."""
+    readers = [m for m in methods if m in ("zero_shot", "tip_adapter")]
+    if cosine > COLLAPSE["label_cos"] and readers:
+        log.warning("domain %r: the un-adapted class prompts have collapsed (mean cosine %.3f between classes), so "
+                    "%s give every query about the same answer. A meta-learned initialisation (MAML) need not separate "
+                    "classes before its inner loop; if the model should classify zero-shot, train with "
+                    "model.prototype_prompts or method=contrastive.", domain, cosine, " and ".join(readers))
+
+
 def _to(task: Task, device: torch.device) -> Task:
     if task.support_images.device == device:
         return task
-    return Task(task.domain, task.domain_id, task.texts, task.support_images.to(device), task.support_labels.to(device),
-                task.query_images.to(device), task.query_labels.to(device), task.classes)
+    return task.map_tensors(lambda t: t.to(device))  # every field kept (prompts per class included)

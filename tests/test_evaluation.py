@@ -174,3 +174,20 @@ def test_evaluation_restores_the_training_mode_and_keeps_no_graph(module, episod
 
 def test_evaluation_module_lists_what_it_exports():
     assert set(evaluation.__all__) >= {"METHODS", "Episode", "EvalOptions", "Result", "evaluate", "predict"}
+
+
+def test_collapsed_zero_shot_prompts_are_named_in_a_warning(episode_sets, caplog):
+    torch.manual_seed(0)
+    collapsed = MetaContrastiveModule(domains=["natural", "medical"], encoder=EncoderConfig(embed_dim=32, hidden_dim=64))
+    last = collapsed.model.head_text.net[-1]
+    with torch.no_grad():  # every prompt maps to the same embedding
+        last.weight.zero_()
+        last.bias.fill_(1.0)
+    with caplog.at_level("WARNING", logger="metacontrastive.evaluation"):
+        evaluate(collapsed, episode_sets[:1], ["zero_shot", "prototype"], progress=False)
+    assert "un-adapted class prompts have collapsed (mean cosine 1.000" in caplog.text and "zero_shot" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="metacontrastive.evaluation"):
+        evaluate(collapsed, episode_sets[:1], ["prototype"], progress=False)  # no method reads the prompts
+        evaluate(MetaContrastiveModule(domains=["natural", "medical"]), episode_sets[:1], ["zero_shot"], progress=False)
+    assert "collapsed" not in caplog.text
