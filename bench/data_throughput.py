@@ -6,22 +6,27 @@ shape (5-way 5-shot 15-query, 4 tasks per meta-batch) and the model are the defa
 - the training DataLoader with 0, 1 and 2 workers: meta-batches, episodes and images per second
   after the first meta-batch (time to first batch, which fills the reservoirs, is printed apart);
 - the real ``MetaContrastiveModule`` training step (forward, backward, gradient clipping, AdamW) in a
-  Lightning ``Trainer`` fed meta-batches prepared in advance, so that only training is timed; once
-  with torch's default intra-op threads and once with one thread, because on a small machine busy
-  with other jobs the thread pool can make the step many times slower;
+  Lightning ``Trainer`` fed meta-batches prepared in advance, so that only training is timed; with
+  torch's default intra-op threads and with one thread, on the quiet machine and again under load
+  (``--load`` other processes multiplying matrices with torch's default thread pool, as other training
+  jobs do), because on a small machine busy with other jobs the thread pool can make the step many
+  times slower;
 
 and prints the ratio loader rate / training rate against the faster of the two training rates (the
 conservative ratio; target: at least 3 with 2 workers). Both run on the same machine, one after the
 other; on a shared machine the numbers move with the load, which is printed too.
 
 Usage:
-    python bench/data_throughput.py [--root data/shards] [--batches 40] [--train-steps 6]
+    python bench/data_throughput.py [--root data/shards] [--batches 40] [--train-steps 6] [--load N]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -60,6 +65,20 @@ def _loader_rate(dm: EpisodicDataModule, batches: int) -> tuple[float, float]:
     return first, rate
 
 
+@contextlib.contextmanager
+def _busy(processes: int):
+    """``processes`` other torch jobs (matrix products, torch's default threads) for the duration of the block:
+    the load of a shared machine."""
+    job = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a"
+    jobs = [subprocess.Popen([sys.executable, "-c", job]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for job in jobs:
+            job.kill()
+            job.wait()
+
+
 class _StepTimer(L.Callback):
     """Wall time of each training step (batch start to batch end, optimizer step included)."""
 
@@ -91,6 +110,8 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="shards root (default: write the demo shards to a temp dir)")
     parser.add_argument("--batches", type=int, default=40, help="meta-batches timed per worker setting")
     parser.add_argument("--train-steps", type=int, default=6, help="training steps timed (after one warm-up step)")
+    parser.add_argument("--load", type=int, default=1,
+                        help="other torch jobs beside the loaded training measurement (0: quiet only)")
     parser.add_argument("--out", default="bench/results", help="folder for the markdown table")
     args = parser.parse_args()
 
@@ -113,8 +134,12 @@ def main() -> None:
         it = iter(dm.train_dataloader())
         batches = [next(it) for _ in range(1 + args.train_steps)]
         default_threads = torch.get_num_threads()
-        trains = {t: _train_rate(cli, batches, args.train_steps, 1, t) for t in sorted({default_threads, 1}, reverse=True)}
-        train = max(trains.values())
+        threads = sorted({default_threads, 1}, reverse=True)
+        trains = {(0, t): _train_rate(cli, batches, args.train_steps, 1, t) for t in threads}
+        if args.load:
+            with _busy(args.load):
+                trains |= {(args.load, t): _train_rate(cli, batches, args.train_steps, 1, t) for t in threads}
+        train = max(rate for (load, _), rate in trains.items() if load == 0)  # the quiet machine's
 
     hp = dm.hparams
     images = hp.ways * (hp.shots + hp.queries)
@@ -123,21 +148,23 @@ def main() -> None:
           f"training on {cli.trainer.strategy.root_device}")
     print(f"episode: {hp.ways}-way {hp.shots}-shot {hp.queries}-query ({images} images of {hp.image_size} px), "
           f"{hp.tasks_per_batch} tasks per meta-batch, domains {dm.domains}")
-    for threads, rate in trains.items():
+    for (load, threads), rate in trains.items():
         print(f"training (conf/default.yaml, MetaContrastiveModule.training_step + backward + AdamW, {args.train_steps} steps, "
-              f"intra-op threads {threads}): {rate:.3f} steps/s = {rate * hp.tasks_per_batch:.2f} episodes/s")
+              f"intra-op threads {threads}, {load} other torch jobs beside it): {rate:.3f} steps/s = "
+              f"{rate * hp.tasks_per_batch:.2f} episodes/s")
     print(f"{'workers':>7} {'first batch s':>13} {'batches/s':>10} {'episodes/s':>11} {'images/s':>9} {'loader/train':>13}"
           f"  (against the faster training rate, {train:.3f} steps/s)")
     lines = ["# Loader rate against training rate (conf/default.yaml, CPU)", "",
-             f"Load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; training "
-             + ", ".join(f"{rate:.3f} steps/s with {t} intra-op threads" for t, rate in trains.items()) + ".", "",
+             f"Load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before the run.", "",
+             "| other torch jobs beside training | intra-op threads | training steps/s |", "|---|---|---|",
+             *[f"| {load} | {t} | {rate:.3f} |" for (load, t), rate in trains.items()], "",
              "| loader workers | first batch s | meta-batches/s | images/s | loader / training |", "|---|---|---|---|---|"]
     for workers, (first, rate) in rates.items():
         episodes = rate * hp.tasks_per_batch
         print(f"{workers:>7} {first:>13.2f} {rate:>10.2f} {episodes:>11.1f} {episodes * images:>9.0f} {rate / train:>12.1f}x")
         lines.append(f"| {workers} | {first:.2f} | {rate:.2f} | {episodes * images:.0f} | {rate / train:.1f} |")
-    for threads, rate in trains.items():
-        print(json.dumps({"measure": "train_rate", "threads": threads, "steps_per_s": rate}))
+    for (load, threads), rate in trains.items():
+        print(json.dumps({"measure": "train_rate", "other_jobs": load, "threads": threads, "steps_per_s": rate}))
     for workers, (first, rate) in rates.items():
         print(json.dumps({"measure": "loader_rate", "workers": workers, "first_batch_s": first, "batches_per_s": rate,
                           "loader_vs_train": rate / train}))
