@@ -149,26 +149,28 @@ def _meta_batch(seed=0, dtype=torch.float32):
                  classes=[f"thing {t} {c}" for c in range(3)]) for t in range(4)]
 
 
+def _outer_gradients(**options) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of a float64 module on ``_meta_batch`` and every parameter's outer gradient."""
+    from metacontrastive.module import MetaContrastiveModule
+
+    torch.manual_seed(0)
+    module = MetaContrastiveModule(domain_dropout=0.0, inner_lr=0.5, **options).double()
+    for film in (module.model.film_image, module.model.film_text):  # break FiLM's zero init (see setup)
+        torch.nn.init.normal_(film.to_gamma_beta.weight, std=0.1)
+    module.log = lambda *args, **kwargs: None
+    loss = module.meta_step(_meta_batch(dtype=torch.float64), "train")
+    loss.backward()
+    return loss, {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("algorithm, first_order, steps, prototype", [
     ("maml", False, 1, None), ("maml", True, 1, None), ("maml", False, 3, 1.0), ("metasgd", False, 2, None),
 ])
 def test_the_func_engine_gives_learn2learns_loss_and_outer_gradients(algorithm, first_order, steps, prototype):
     """In float64, so that only the mathematics is compared (in float32 vmap's batched products reorder sums
     and the two engines differ by about 1e-5 relative on the tower gradients)."""
-    from metacontrastive.module import MetaContrastiveModule
-
-    def outer(engine):
-        torch.manual_seed(0)
-        module = MetaContrastiveModule(meta_engine=engine, algorithm=algorithm, first_order=first_order, inner_steps=steps,
-                                       prototype_prompts=prototype, domain_dropout=0.0, inner_lr=0.5).double()
-        for film in (module.model.film_image, module.model.film_text):  # break FiLM's zero init (see setup)
-            torch.nn.init.normal_(film.to_gamma_beta.weight, std=0.1)
-        module.log = lambda *args, **kwargs: None
-        loss = module.meta_step(_meta_batch(dtype=torch.float64), "train")
-        loss.backward()
-        return loss, {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-
-    (loss_l2l, grads_l2l), (loss_func, grads_func) = outer("l2l"), outer("func")
+    options = dict(algorithm=algorithm, first_order=first_order, inner_steps=steps, prototype_prompts=prototype)
+    (loss_l2l, grads_l2l), (loss_func, grads_func) = (_outer_gradients(meta_engine=e, **options) for e in ("l2l", "func"))
     torch.testing.assert_close(loss_func, loss_l2l, rtol=1e-10, atol=1e-12)
     assert grads_func.keys() == grads_l2l.keys()
     for name in grads_l2l:
@@ -202,19 +204,7 @@ def test_the_func_engine_is_used_for_same_shaped_tasks_and_falls_back_otherwise(
 def test_a_backward_per_task_gives_the_meta_batch_gradients(options):
     """``backward_per_task`` frees each task's graph as soon as it is differentiated; the loss and every outer
     gradient (towers included) must equal those of one backward through the whole meta-batch."""
-    from metacontrastive.module import MetaContrastiveModule
-
-    def outer(per_task):
-        torch.manual_seed(0)
-        module = MetaContrastiveModule(backward_per_task=per_task, domain_dropout=0.0, inner_lr=0.5, **options).double()
-        for film in (module.model.film_image, module.model.film_text):  # break FiLM's zero init (see setup)
-            torch.nn.init.normal_(film.to_gamma_beta.weight, std=0.1)
-        module.log = lambda *args, **kwargs: None
-        loss = module.meta_step(_meta_batch(dtype=torch.float64), "train")
-        loss.backward()
-        return loss, {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
-
-    (loss_batch, grads_batch), (loss_task, grads_task) = outer(False), outer(True)
+    (loss_batch, grads_batch), (loss_task, grads_task) = (_outer_gradients(backward_per_task=b, **options) for b in (False, True))
     torch.testing.assert_close(loss_task, loss_batch, rtol=1e-12, atol=1e-12)
     assert grads_task.keys() == grads_batch.keys()
     assert any(name.startswith("model.image_tower") for name in grads_batch)  # the towers' gradients are compared too
