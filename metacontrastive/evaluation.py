@@ -395,12 +395,12 @@ def evaluate(
             scores = {m: {"acc": EpisodeMean(sync_on_compute=False), "f1": EpisodeMean(sync_on_compute=False)}
                       for m in methods}
             seconds = dict.fromkeys(methods, 0.0)
-            prompt_cos = EpisodeMean(sync_on_compute=False)
+            prompt_cos = []  # per episode: mean cosine between its un-adapted class prompts
             for first in range(0, len(episodes), chunk):
                 batch = [Episode.of(module, _to(episodes[i], device), row)
                          for i in range(first, min(first + chunk, len(episodes)))]
                 for ep in batch:
-                    prompt_cos.update(mean_cosine(ep.z_text).cpu())
+                    prompt_cos.append(mean_cosine(ep.z_text))
                 targets = torch.stack([ep.task.query_labels for ep in batch])  # (B, Q)
                 for method in methods:
                     start = time.perf_counter()
@@ -412,7 +412,7 @@ def evaluate(
                         scores[method]["f1"].update(f1.cpu())
                 bar.update(len(batch))
             known = row != module.model.unknown_domain
-            _warn_collapsed_prompts(domain, float(prompt_cos.compute()["mean"]), methods)
+            _warn_collapsed_prompts(domain, float(torch.stack(prompt_cos).mean()), methods)
             for method in methods:
                 acc, f1 = scores[method]["acc"].compute(), scores[method]["f1"].compute()
                 results.append(Result(

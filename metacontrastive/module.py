@@ -367,8 +367,11 @@ class MetaContrastiveModule(L.LightningModule):
                 view._features = pair
         align, dz = views[0].images.new_zeros(()), [None] * len(views)
         if weight > 0:
-            # the adapted embeddings' values only: first order gives the same weights without the second-order graph
-            z = [self.task_step(view, train=True, first_order=True).z_align.detach().requires_grad_() for view in views]
+            # the embeddings' values only: base ones need no inner loop; for adapted ones, first order gives the
+            # same weights without the second-order graph
+            base = self.hparams.align_on == "base" and self.hparams.method == "dcmcl"
+            z = [(view.embed(view.query)[0] if base else self.task_step(view, train=True, first_order=True).z_align)
+                 .detach().requires_grad_() for view in views]
             align = self.alignment(z, batch)
             dz = torch.autograd.grad(weight * align, z)
             align = align.detach()
