@@ -7,11 +7,15 @@ the preset changes, e.g. conf/real.yaml), then the preset, and scores the last c
 Rows are ``<preset>/<method>`` (the ``pixels`` floor once); with several seeds, the table shows the
 mean over seeds and the spread across them. Files in --out: results.json, results.csv, results.md and
 accuracy_vs_shots.png for the table (``metacontrastive.reporting``), runs.json with every seed's rows,
-training times and last validation accuracies.
+training times and last validation accuracies. --merge adds the runs.json of earlier invocations (other
+seeds, trained in another session or on another machine) to the table, so a three-seed table can be
+built one seed at a time.
 
 Usage:
     python bench/ablations.py --root data/shards --out bench/results/ablations [--steps 300] [--episodes 600]
     python bench/ablations.py --seeds 0,1,2 --methods dcmcl,prototype --presets contrastive,full
+    python bench/ablations.py --seeds 2 --merge out/seed0 --merge out/seed1 --out out/seeds012
+    python bench/ablations.py --seeds "" --merge out/seed0 --merge out/seed1 --out out/seeds01  # table only
 """
 from __future__ import annotations
 
@@ -65,6 +69,19 @@ def over_seeds(rows: list[Result]) -> list[Result]:
     return out
 
 
+def merged(dirs: list[str]) -> tuple[list[Result], list[dict]]:
+    """The result rows and training records of earlier invocations' ``runs.json`` (for --merge)."""
+    rows, timings = [], []
+    for d in dirs:
+        path = Path(d) / "runs.json"
+        if not path.is_file():
+            raise SystemExit(f"--merge {d}: no runs.json there; give the --out folder of an earlier bench/ablations.py run")
+        runs = json.loads(path.read_text())
+        rows += [Result(**r) for r in runs["results"]]
+        timings += runs["runs"]
+    return rows, timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/shards")
@@ -77,12 +94,14 @@ def main() -> None:
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--methods", default="dcmcl,zero_shot,prototype,finetune", help=f"from {list(METHODS)}")
     parser.add_argument("--config", action="append", default=[], help="the recipe: config files after conf/default.yaml and before the preset (repeatable)")
+    parser.add_argument("--merge", action="append", default=[], metavar="DIR",
+                        help="add the runs of an earlier invocation's --out DIR (its runs.json) to the table (repeatable)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shots, methods = [int(k) for k in args.shots.split(",")], args.methods.split(",")
-    rows, timings = [], []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    rows, timings = merged(args.merge)
+    for seed in (int(s) for s in args.seeds.split(",") if s):
         for n, preset in enumerate(args.presets.split(",")):
             start = time.perf_counter()
             cli = train(preset, seed, args)
@@ -93,12 +112,19 @@ def main() -> None:
             rows += [dataclasses.replace(r, method=r.method if r.method == "pixels" else f"{preset}/{r.method}")
                      for r in results]
             val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/acc")}
-            timings.append({"seed": seed, "preset": preset, "fit_s": fit_s, "val": val})
+            timings.append({"seed": seed, "preset": preset, "steps": args.steps, "fit_s": fit_s, "val": val})
             print(f"seed {seed} {preset}: trained {args.steps} steps in {fit_s:.0f}s")
+    if not rows:
+        raise SystemExit("nothing to tabulate: give --seeds to train, or --merge earlier results")
+    runs = [(t["seed"], t["preset"]) for t in timings]
+    if len(set(runs)) < len(runs):
+        raise SystemExit(f"the same (seed, preset) twice among {runs}: merge each seed's runs once")
     table = over_seeds(rows)
-    seeds_note = (f"mean over seeds {args.seeds} ± 1.96 std / sqrt(seeds) across seeds" if "," in args.seeds
-                  else f"seed {args.seeds}, ± the 95% CI over episodes")
-    note = f"{args.steps} training steps per preset; {seeds_note}."
+    seeds = sorted({t["seed"] for t in timings})
+    steps = ", ".join(map(str, sorted({t.get("steps", args.steps) for t in timings})))
+    seeds_note = (f"mean over seeds {', '.join(map(str, seeds))} ± 1.96 std / sqrt(seeds) across seeds" if len(seeds) > 1
+                  else f"seed {seeds[0]}, ± the 95% CI over episodes")
+    note = f"{steps} training steps per preset; {seeds_note}."
     write_results(table, out, vars(args), sum(t["fit_s"] for t in timings), note)
     (out / "runs.json").write_text(json.dumps({"runs": timings, "results": [r.as_dict() for r in rows]}, indent=2))
     print(note + "\n\n" + markdown_table(table))

@@ -154,7 +154,7 @@ def test_adapting_everything_works_through_attention(first_order):
     assert module.model.text_tower.token.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("preset", ["contrastive", "conditioned", "maml", "full", "projection"])
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "ablations").glob("*.yaml")))
 def test_every_ablation_preset_trains_every_trainable_parameter(preset):
     """An unused trainable parameter would stop DDP (and silently never learn)."""
     config = yaml.safe_load((Path(__file__).parents[1] / "conf" / "ablations" / f"{preset}.yaml").read_text())

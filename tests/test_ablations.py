@@ -1,0 +1,71 @@
+"""bench/ablations.py: a table over seeds built from runs trained in separate invocations (--merge)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from metacontrastive.evaluation import Result
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ablations.py"
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(method: str, acc: float) -> Result:
+    return Result(domain="natural", conditioning="natural", method=method, ways=2, shots=5, queries=10, episodes=300,
+                  images=600, acc=acc, acc_ci95=0.01, f1=acc, f1_ci95=0.01, ms_per_episode=1.0)
+
+
+def _write_seed(folder: Path, seed: int, accs: dict[str, float]) -> Path:
+    folder.mkdir(parents=True)
+    runs = [{"seed": seed, "preset": "full", "steps": 300, "fit_s": 10.0, "val": {}}]
+    (folder / "runs.json").write_text(json.dumps({"runs": runs, "results": [_row(m, a).as_dict() for m, a in accs.items()]}))
+    return folder
+
+
+def test_merged_seeds_give_the_mean_and_the_spread_across_seeds(ablations, tmp_path, monkeypatch):
+    a = _write_seed(tmp_path / "s0", 0, {"pixels": 0.60, "full/dcmcl": 0.70})
+    b = _write_seed(tmp_path / "s1", 1, {"pixels": 0.62, "full/dcmcl": 0.80})
+    rows, timings = ablations.merged([str(a), str(b)])
+    assert [t["seed"] for t in timings] == [0, 1] and len(rows) == 4
+    table = {r.method: r for r in ablations.over_seeds(rows)}
+    assert table["full/dcmcl"].acc == pytest.approx(0.75)
+    # 1.96 * stdev(0.7, 0.8) / sqrt(2): the spread across seeds replaces the episode CI
+    assert table["full/dcmcl"].acc_ci95 == pytest.approx(1.96 * 0.0707107 / 2 ** 0.5, rel=1e-4)
+
+    out = tmp_path / "table"
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--seeds", "", "--merge", str(a), "--merge", str(b),
+                                      "--out", str(out)])
+    ablations.main()
+    assert (out / "results.md").read_text().startswith("300 training steps per preset; mean over seeds 0, 1")
+    assert len(json.loads((out / "runs.json").read_text())["results"]) == 4
+
+
+def test_merging_a_seed_twice_or_nothing_is_an_error(ablations, tmp_path, monkeypatch):
+    a = _write_seed(tmp_path / "s0", 0, {"pixels": 0.6})
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--seeds", "", "--merge", str(a), "--merge", str(a),
+                                      "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="the same"):
+        ablations.main()
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--seeds", "", "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="nothing to tabulate"):
+        ablations.main()
+    with pytest.raises(SystemExit, match="no runs.json"):
+        ablations.merged([str(tmp_path / "missing")])
+
+
+def test_a_single_seed_keeps_the_episode_ci(ablations):
+    row = _row("full/dcmcl", 0.7)
+    assert ablations.over_seeds([row]) == [row]
+    assert ablations.over_seeds([row, dataclasses.replace(row, acc=0.7)])[0].acc_ci95 == 0.0
