@@ -5,7 +5,7 @@ method, projection baseline) this script trains with conf/default.yaml, any --co
 the preset changes, e.g. conf/real.yaml), then the preset, and scores the last checkpoint with
 ``metacontrastive.evaluation`` on the fixed, seeded test episodes of every domain: the same episodes for every preset, method and seed.
 Rows are ``<preset>/<method>`` (the ``pixels`` floor once); with several seeds, the table shows the
-mean over seeds and the spread across them. Files in --out: results.json, results.csv, results.md and
+mean over seeds and a t-interval across them. Files in --out: results.json, results.csv, results.md and
 accuracy_vs_shots.png for the table (``metacontrastive.reporting``), runs.json with every seed's rows,
 training times and last validation accuracies. --merge adds the runs.json of earlier invocations (other
 seeds, trained in another session or on another machine) to the table, so a three-seed table can be
@@ -25,6 +25,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+import scipy.stats
 
 from metacontrastive.cli import MetaCLI
 from metacontrastive.data.datamodule import EpisodicDataModule
@@ -53,8 +55,9 @@ def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
 
 
 def over_seeds(rows: list[Result]) -> list[Result]:
-    """One row per (method, domain, shots): the mean over seeds; the CI becomes the spread across seeds
-    (1.96 std / sqrt(seeds)) when there are several, else stays the episode CI."""
+    """One row per (method, domain, shots): the mean over seeds; with several seeds the CI becomes the 95%
+    Student-t interval across them (t * std / sqrt(seeds), t = 4.30 for three seeds: a handful of seeds
+    says little about the spread, and 1.96 would pretend otherwise), else it stays the episode CI."""
     groups: dict[tuple, list[Result]] = {}
     for r in rows:
         groups.setdefault((r.method, r.domain, r.shots), []).append(r)
@@ -63,7 +66,8 @@ def over_seeds(rows: list[Result]) -> list[Result]:
         if len(group) == 1:
             out.append(group[0])
             continue
-        ci = {k: 1.96 * statistics.stdev(getattr(r, k) for r in group) / len(group) ** 0.5 for k in ("acc", "f1")}
+        t = scipy.stats.t.ppf(0.975, len(group) - 1)
+        ci = {k: t * statistics.stdev(getattr(r, k) for r in group) / len(group) ** 0.5 for k in ("acc", "f1")}
         out.append(dataclasses.replace(group[0], acc=statistics.mean(r.acc for r in group), acc_ci95=ci["acc"],
                                        f1=statistics.mean(r.f1 for r in group), f1_ci95=ci["f1"]))
     return out
@@ -122,7 +126,7 @@ def main() -> None:
     table = over_seeds(rows)
     seeds = sorted({t["seed"] for t in timings})
     steps = ", ".join(map(str, sorted({t.get("steps", args.steps) for t in timings})))
-    seeds_note = (f"mean over seeds {', '.join(map(str, seeds))} ± 1.96 std / sqrt(seeds) across seeds" if len(seeds) > 1
+    seeds_note = (f"mean over seeds {', '.join(map(str, seeds))} ± the 95% t-interval across seeds" if len(seeds) > 1
                   else f"seed {seeds[0]}, ± the 95% CI over episodes")
     note = f"{steps} training steps per preset; {seeds_note}."
     write_results(table, out, vars(args), sum(t["fit_s"] for t in timings), note)

@@ -41,8 +41,8 @@ def test_merged_seeds_give_the_mean_and_the_spread_across_seeds(ablations, tmp_p
     assert [t["seed"] for t in timings] == [0, 1] and len(rows) == 4
     table = {r.method: r for r in ablations.over_seeds(rows)}
     assert table["full/dcmcl"].acc == pytest.approx(0.75)
-    # 1.96 * stdev(0.7, 0.8) / sqrt(2): the spread across seeds replaces the episode CI
-    assert table["full/dcmcl"].acc_ci95 == pytest.approx(1.96 * 0.0707107 / 2 ** 0.5, rel=1e-4)
+    # t(0.975, 1 degree of freedom) * stdev(0.7, 0.8) / sqrt(2): the interval across seeds replaces the episode CI
+    assert table["full/dcmcl"].acc_ci95 == pytest.approx(12.7062 * 0.0707107 / 2 ** 0.5, rel=1e-4)
 
     out = tmp_path / "table"
     monkeypatch.setattr(sys, "argv", ["ablations.py", "--seeds", "", "--merge", str(a), "--merge", str(b),
