@@ -32,7 +32,7 @@ from metacontrastive.cli import MetaCLI
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.evaluation import METHODS, Result, evaluate
 from metacontrastive.module import MetaContrastiveModule
-from metacontrastive.reporting import markdown_table, write_results
+from metacontrastive.reporting import EPISODE_CI, markdown_table, write_results
 
 PRESETS = ("contrastive", "conditioned", "maml", "full", "projection")
 
@@ -129,9 +129,10 @@ def main() -> None:
     seeds_note = (f"mean over seeds {', '.join(map(str, seeds))} ± the 95% t-interval across seeds" if len(seeds) > 1
                   else f"seed {seeds[0]}, ± the 95% CI over episodes")
     note = f"{steps} training steps per preset; {seeds_note}."
-    write_results(table, out, vars(args), sum(t["fit_s"] for t in timings), note)
+    ci = "Student t across seeds" if len(seeds) > 1 else EPISODE_CI
+    write_results(table, out, vars(args), sum(t["fit_s"] for t in timings), note, ci)
     (out / "runs.json").write_text(json.dumps({"runs": timings, "results": [r.as_dict() for r in rows]}, indent=2))
-    print(note + "\n\n" + markdown_table(table))
+    print(note + "\n\n" + markdown_table(table, ci))
     print(f"wrote {out}/results.json, results.csv, results.md, accuracy_vs_shots.png and runs.json")
 
 

@@ -35,8 +35,12 @@ def _columns(results: Sequence[Result]) -> dict[tuple[str, str, int], Result]:
     return columns
 
 
-def markdown_table(results: Sequence[Result]) -> str:
-    """A row per method, a column per (domain, conditioning, shots): accuracy % +- 95% CI, then macro-F1 % +- CI."""
+EPISODE_CI = "1.96 std / sqrt(episodes)"
+
+
+def markdown_table(results: Sequence[Result], ci: str = EPISODE_CI) -> str:
+    """A row per method, a column per (domain, conditioning, shots): accuracy % +- 95% CI, then macro-F1 % +- CI;
+    ``ci`` says in the footer what the interval is."""
     columns = _columns(results)
     by_key = {(r.method, r.domain, r.conditioning, r.shots): r for r in results}
     heads = [f"{domain} {r.ways}-way {shots}-shot" + ("" if conditioning == domain else f", via {conditioning}")
@@ -50,7 +54,7 @@ def markdown_table(results: Sequence[Result]) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     notes = [f"{domain} {shots}-shot: {r.episodes} episodes, {r.queries} queries per class, {r.images} distinct images, "
              f"chance {100 / r.ways:.1f}%" for (domain, _, shots), r in columns.items()]  # dict.fromkeys: once each
-    return ("\n".join(lines) + "\n\nAccuracy % ± 95% CI (1.96 std / sqrt(episodes)), macro-F1 in brackets. "
+    return ("\n".join(lines) + f"\n\nAccuracy % ± 95% CI ({ci}), macro-F1 in brackets. "
             + "; ".join(dict.fromkeys(notes)) + ".\n")
 
 
@@ -79,8 +83,10 @@ def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path | None = 
     return fig
 
 
-def write_results(results: Sequence[Result], out: str | Path, settings: dict, seconds: float, note: str = "") -> list[Path]:
-    """Write the four files of the module docstring into ``out`` (``note`` heads the markdown); returns their paths."""
+def write_results(results: Sequence[Result], out: str | Path, settings: dict, seconds: float, note: str = "",
+                  ci: str = EPISODE_CI) -> list[Path]:
+    """Write the four files of the module docstring into ``out`` (``note`` heads the markdown, ``ci`` names the
+    interval); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.as_dict() for r in results]
@@ -89,7 +95,7 @@ def write_results(results: Sequence[Result], out: str | Path, settings: dict, se
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "results.md").write_text((note + "\n\n" if note else "") + markdown_table(results))
+    (out / "results.md").write_text((note + "\n\n" if note else "") + markdown_table(results, ci))
     plot_accuracy_vs_shots(results, out / "accuracy_vs_shots.png")
     return [out / name for name in FILES]
 

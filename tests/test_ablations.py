@@ -48,7 +48,8 @@ def test_merged_seeds_give_the_mean_and_the_spread_across_seeds(ablations, tmp_p
     monkeypatch.setattr(sys, "argv", ["ablations.py", "--seeds", "", "--merge", str(a), "--merge", str(b),
                                       "--out", str(out)])
     ablations.main()
-    assert (out / "results.md").read_text().startswith("300 training steps per preset; mean over seeds 0, 1")
+    table_md = (out / "results.md").read_text()
+    assert table_md.startswith("300 training steps per preset; mean over seeds 0, 1") and "(Student t across seeds)" in table_md
     assert len(json.loads((out / "runs.json").read_text())["results"]) == 4
 
 
