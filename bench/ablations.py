@@ -57,13 +57,14 @@ def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
 def over_seeds(rows: list[Result]) -> list[Result]:
     """One row per (method, domain, shots): the mean over seeds; with several seeds the CI becomes the 95%
     Student-t interval across them (t * std / sqrt(seeds), t = 4.30 for three seeds: a handful of seeds
-    says little about the spread, and 1.96 would pretend otherwise), else it stays the episode CI."""
+    says little about the spread, and 1.96 would pretend otherwise). A row that is the same in every seed (one seed,
+or the pixels floor, which trains nothing) keeps its episode CI."""
     groups: dict[tuple, list[Result]] = {}
     for r in rows:
         groups.setdefault((r.method, r.domain, r.shots), []).append(r)
     out = []
     for group in groups.values():
-        if len(group) == 1:
+        if len({(r.acc, r.f1) for r in group}) == 1:  # one seed, or a row no seed changes (pixels): its episode CI
             out.append(group[0])
             continue
         t = scipy.stats.t.ppf(0.975, len(group) - 1)
