@@ -16,6 +16,7 @@ Usage:
     python bench/ablations.py --seeds 0,1,2 --methods dcmcl,prototype --presets contrastive,full
     python bench/ablations.py --seeds 2 --merge out/seed0 --merge out/seed1 --out out/seeds012
     python bench/ablations.py --seeds "" --merge out/seed0 --merge out/seed1 --out out/seeds01  # table only
+    python bench/ablations.py --seeds "" --merge out/seed0 --merge out/seed1 --versus contrastive --out out/paired
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
 def over_seeds(rows: list[Result]) -> list[Result]:
     """One row per (method, domain, shots): the mean over seeds; with several seeds the CI becomes the 95%
     Student-t interval across them (t * std / sqrt(seeds), t = 4.30 for three seeds: a handful of seeds
-    says little about the spread, and 1.96 would pretend otherwise). A row that is the same in every seed (one seed,
-or the pixels floor, which trains nothing) keeps its episode CI."""
+    says little about the spread, and 1.96 would pretend otherwise). A row that is the same in every seed (one
+    seed, or the pixels floor, which trains nothing) keeps its episode CI."""
     groups: dict[tuple, list[Result]] = {}
     for r in rows:
         groups.setdefault((r.method, r.domain, r.shots), []).append(r)
@@ -74,15 +75,40 @@ or the pixels floor, which trains nothing) keeps its episode CI."""
     return out
 
 
-def merged(dirs: list[str]) -> tuple[list[Result], list[dict]]:
-    """The result rows and training records of earlier invocations' ``runs.json`` (for --merge)."""
+def paired(rows: list[tuple[int, Result]], versus: str) -> str:
+    """Markdown: each preset's accuracy minus ``versus``'s, method by method, on the same test episodes and
+    seeds: the mean difference ± its 95% t-interval across seeds, and the difference in each seed. Pairing
+    removes what a seed does to both presets alike, so it separates presets that the table's intervals cannot."""
+    acc = {(seed, r.method, r.domain, r.shots): r.acc for seed, r in rows}
+    lines = ["| preset - " + versus + " | domain | shots | difference (points) | per seed |", "|---|---|---|---|---|"]
+    for method, domain, shots in dict.fromkeys((m, d, k) for _, m, d, k in acc):
+        preset, _, kind = method.partition("/")
+        seeds = sorted(s for s, m, d, k in acc if (m, d, k) == (method, domain, shots)
+                       and (s, f"{versus}/{kind}", d, k) in acc)
+        if preset == versus or not kind or len(seeds) < 2:
+            continue
+        diff = [100 * (acc[s, method, domain, shots] - acc[s, f"{versus}/{kind}", domain, shots]) for s in seeds]
+        t = scipy.stats.t.ppf(0.975, len(diff) - 1)
+        each = ", ".join(f"{s}: {d:+.1f}" for s, d in zip(seeds, diff))
+        lines.append(f"| {method} | {domain} | {shots} | {statistics.mean(diff):+.1f} ± "
+                     f"{t * statistics.stdev(diff) / len(diff) ** 0.5:.1f} | {each} |")
+    return "\n".join(lines) + "\n"
+
+
+def merged(dirs: list[str]) -> tuple[list[tuple[int, Result]], list[dict]]:
+    """The (seed, result) rows and training records of earlier invocations' ``runs.json`` (for --merge)."""
     rows, timings = [], []
     for d in dirs:
         path = Path(d) / "runs.json"
         if not path.is_file():
             raise SystemExit(f"--merge {d}: no runs.json there; give the --out folder of an earlier bench/ablations.py run")
         runs = json.loads(path.read_text())
-        rows += [Result(**r) for r in runs["results"]]
+        seeds = sorted({t["seed"] for t in runs["runs"]})
+        for r in runs["results"]:
+            seed = r.pop("seed", seeds[0] if len(seeds) == 1 else None)  # older files: one seed each, results unmarked
+            if seed is None:
+                raise SystemExit(f"--merge {d}: its results do not say their seed and it holds seeds {seeds}")
+            rows.append((seed, Result(**r)))
         timings += runs["runs"]
     return rows, timings
 
@@ -101,6 +127,8 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], help="the recipe: config files after conf/default.yaml and before the preset (repeatable)")
     parser.add_argument("--merge", action="append", default=[], metavar="DIR",
                         help="add the runs of an earlier invocation's --out DIR (its runs.json) to the table (repeatable)")
+    parser.add_argument("--versus", metavar="PRESET", help="also tabulate every preset's paired difference from this "
+                        "one over seeds (paired.md)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +142,7 @@ def main() -> None:
             sets = cli.datamodule.episode_sets("test", shots, args.episodes, labelled_only=True)
             extra = ["pixels"] if n == 0 else []  # the floor needs no model: once per seed is enough
             results = evaluate(cli.model, sets, extra + methods, progress=False)  # the last weights, as last.ckpt
-            rows += [dataclasses.replace(r, method=r.method if r.method == "pixels" else f"{preset}/{r.method}")
+            rows += [(seed, dataclasses.replace(r, method=r.method if r.method == "pixels" else f"{preset}/{r.method}"))
                      for r in results]
             val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/acc")}
             timings.append({"seed": seed, "preset": preset, "steps": args.steps, "fit_s": fit_s, "val": val})
@@ -124,7 +152,7 @@ def main() -> None:
     runs = [(t["seed"], t["preset"]) for t in timings]
     if len(set(runs)) < len(runs):
         raise SystemExit(f"the same (seed, preset) twice among {runs}: merge each seed's runs once")
-    table = over_seeds(rows)
+    table = over_seeds([r for _, r in rows])
     seeds = sorted({t["seed"] for t in timings})
     steps = ", ".join(map(str, sorted({t.get("steps", args.steps) for t in timings})))
     seeds_note = (f"mean over seeds {', '.join(map(str, seeds))} ± the 95% t-interval across seeds" if len(seeds) > 1
@@ -132,9 +160,14 @@ def main() -> None:
     note = f"{steps} training steps per preset; {seeds_note}."
     ci = "Student t across seeds" if len(seeds) > 1 else EPISODE_CI
     write_results(table, out, vars(args), sum(t["fit_s"] for t in timings), note, ci)
-    (out / "runs.json").write_text(json.dumps({"runs": timings, "results": [r.as_dict() for r in rows]}, indent=2))
+    (out / "runs.json").write_text(json.dumps({"runs": timings, "results": [{"seed": s, **r.as_dict()} for s, r in rows]},
+                                              indent=2))
     print(note + "\n\n" + markdown_table(table, ci))
-    print(f"wrote {out}/results.json, results.csv, results.md, accuracy_vs_shots.png and runs.json")
+    if args.versus:
+        (out / "paired.md").write_text(paired(rows, args.versus))
+        print(f"Paired with {args.versus} over seeds (same episodes):\n\n" + (out / "paired.md").read_text())
+    print(f"wrote {out}/results.json, results.csv, results.md, accuracy_vs_shots.png and runs.json"
+          + (" and paired.md" if args.versus else ""))
 
 
 if __name__ == "__main__":

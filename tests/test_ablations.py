@@ -39,7 +39,8 @@ def test_merged_seeds_give_the_mean_and_the_spread_across_seeds(ablations, tmp_p
     b = _write_seed(tmp_path / "s1", 1, {"pixels": 0.62, "full/dcmcl": 0.80})
     rows, timings = ablations.merged([str(a), str(b)])
     assert [t["seed"] for t in timings] == [0, 1] and len(rows) == 4
-    table = {r.method: r for r in ablations.over_seeds(rows)}
+    assert [seed for seed, _ in rows] == [0, 0, 1, 1]  # results without a seed take their file's only seed
+    table = {r.method: r for r in ablations.over_seeds([r for _, r in rows])}
     assert table["full/dcmcl"].acc == pytest.approx(0.75)
     # t(0.975, 1 degree of freedom) * stdev(0.7, 0.8) / sqrt(2): the interval across seeds replaces the episode CI
     assert table["full/dcmcl"].acc_ci95 == pytest.approx(12.7062 * 0.0707107 / 2 ** 0.5, rel=1e-4)
@@ -50,7 +51,18 @@ def test_merged_seeds_give_the_mean_and_the_spread_across_seeds(ablations, tmp_p
     ablations.main()
     table_md = (out / "results.md").read_text()
     assert table_md.startswith("300 training steps per preset; mean over seeds 0, 1") and "(Student t across seeds)" in table_md
-    assert len(json.loads((out / "runs.json").read_text())["results"]) == 4
+    written = json.loads((out / "runs.json").read_text())["results"]
+    assert [(r["seed"], r["method"]) for r in written] == [(0, "pixels"), (0, "full/dcmcl"), (1, "pixels"), (1, "full/dcmcl")]
+
+
+def test_paired_differences_are_taken_seed_by_seed(ablations):
+    rows = [(seed, _row(f"{preset}/dcmcl", acc)) for seed, preset, acc in
+            [(0, "maml", 0.90), (0, "full", 0.85), (1, "maml", 0.70), (1, "full", 0.66), (2, "maml", 0.80), (2, "full", 0.77),
+             (0, "contrastive", 0.5)]]  # contrastive: one seed, nothing to pair
+    lines = ablations.paired(rows, "maml").splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| full/dcmcl | natural | 5 | -4.0 ± ")
+    # differences -5, -4, -3: mean -4, t(2) * 1 / sqrt(3) = 2.5, while the seeds' own spread is 10 points
+    assert "-4.0 ± 2.5 | 0: -5.0, 1: -4.0, 2: -3.0 |" in lines[2]
 
 
 def test_merging_a_seed_twice_or_nothing_is_an_error(ablations, tmp_path, monkeypatch):
