@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from metacontrastive.runs import run_folder
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.evaluation import Episode, evaluate
 from metacontrastive.meta import adapt
 from metacontrastive.metrics import mean_cosine
 from metacontrastive.module import MetaContrastiveModule
+from metacontrastive.runs import run_folder
 
 
 def diagnose_task(module: MetaContrastiveModule, episode: Episode) -> dict[str, float]:

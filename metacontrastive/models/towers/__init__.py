@@ -7,7 +7,6 @@ a ``list[str]``; both return (B, out_dim). timm and transformers are imported on
 needs them.
 """
 from metacontrastive.models.towers.base import Tower
-from metacontrastive.models.towers.fewshot import Conv4, ResNet12
 from metacontrastive.models.towers.factory import (
     IMAGE_TOWERS,
     TEXT_TOWERS,
@@ -15,6 +14,7 @@ from metacontrastive.models.towers.factory import (
     build_text_tower,
     build_towers,
 )
+from metacontrastive.models.towers.fewshot import Conv4, ResNet12
 from metacontrastive.models.towers.hf_clip import CLIPImageTower, CLIPTextTower
 from metacontrastive.models.towers.hf_text import HFTextTower
 from metacontrastive.models.towers.timm_image import TimmImageTower
