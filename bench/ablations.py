@@ -9,11 +9,14 @@ mean over seeds and a t-interval across them. Files in --out: results.json, resu
 accuracy_vs_shots.png for the table (``metacontrastive.reporting``), runs.json with every seed's rows,
 training times and last validation accuracies. --merge adds the runs.json of earlier invocations (other
 seeds, trained in another session or on another machine) to the table, so a three-seed table can be
-built one seed at a time.
+built one seed at a time. --set KEY=VALUE overrides any option after the preset (the held-out test domain
+of the real recipe, say) without a config file of its own.
 
 Usage:
     python bench/ablations.py --root data/shards --out bench/results/ablations [--steps 300] [--episodes 600]
     python bench/ablations.py --seeds 0,1,2 --methods dcmcl,prototype --presets contrastive,full
+    python bench/ablations.py --root /tmp/realshards --config conf/real.yaml --set data.augment=[natural] \
+        --set data.test_domains=[natural,braintest] --steps 150 --episodes 300 --seeds 0
     python bench/ablations.py --seeds 2 --merge out/seed0 --merge out/seed1 --out out/seeds012
     python bench/ablations.py --seeds "" --merge out/seed0 --merge out/seed1 --out out/seeds01  # table only
     python bench/ablations.py --seeds "" --merge out/seed0 --merge out/seed1 --versus contrastive --out out/paired
@@ -38,8 +41,9 @@ from metacontrastive.reporting import EPISODE_CI, markdown_table, write_results
 PRESETS = ("contrastive", "conditioned", "maml", "full", "projection")
 
 
-def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
-    # the recipe (default + --config files), then the preset's changes to it
+def fit_args(preset: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The CLI arguments of one training run: the recipe (default + --config files), the preset's changes to it,
+    this script's budget and seed, then the --set overrides (last, so they win)."""
     configs = ["-c", "conf/default.yaml"]
     for extra in args.config:
         configs += ["-c", extra]
@@ -49,7 +53,11 @@ def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
         f"--trainer.logger.init_args.save_dir={args.out}", f"--trainer.logger.init_args.version=seed{seed}",
         "--trainer.enable_progress_bar=false", f"--seed_everything={seed}", f"--data.seed={seed}",
     ]
-    cli = MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False, args=configs + overrides,
+    return configs + overrides + [f"--{setting}" for setting in args.set]
+
+
+def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
+    cli = MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False, args=fit_args(preset, seed, args),
                   trainer_defaults={"inference_mode": False}, save_config_kwargs={"overwrite": True})
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
@@ -113,7 +121,7 @@ def merged(dirs: list[str]) -> tuple[list[tuple[int, Result]], list[dict]]:
     return rows, timings
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/shards")
     parser.add_argument("--domains", default="natural,medical")
@@ -125,11 +133,21 @@ def main() -> None:
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--methods", default="dcmcl,zero_shot,prototype,finetune", help=f"from {list(METHODS)}")
     parser.add_argument("--config", action="append", default=[], help="the recipe: config files after conf/default.yaml and before the preset (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a CLI override applied last, e.g. data.test_domains=[natural,braintest] (repeatable)")
     parser.add_argument("--merge", action="append", default=[], metavar="DIR",
                         help="add the runs of an earlier invocation's --out DIR (its runs.json) to the table (repeatable)")
     parser.add_argument("--versus", metavar="PRESET", help="also tabulate every preset's paired difference from this "
                         "one over seeds (paired.md)")
     args = parser.parse_args()
+    for setting in args.set:
+        if "=" not in setting or setting.startswith("-"):
+            parser.error(f"--set {setting!r}: write KEY=VALUE, e.g. --set data.augment=[natural]")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shots, methods = [int(k) for k in args.shots.split(",")], args.methods.split(",")

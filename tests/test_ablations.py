@@ -83,3 +83,17 @@ def test_a_row_no_seed_changes_keeps_the_episode_ci(ablations):
     assert ablations.over_seeds([row]) == [row]
     assert ablations.over_seeds([row, dataclasses.replace(row, ms_per_episode=2.0)])[0].acc_ci95 == 0.01
     assert ablations.over_seeds([row, dataclasses.replace(row, acc=0.62)])[0].acc_ci95 > 0.1  # t(1) * 0.014 / sqrt(2)
+
+
+def test_set_overrides_come_last_and_reach_the_config(ablations, tmp_path, monkeypatch):
+    monkeypatch.chdir(SCRIPT.parents[1])
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--config", "conf/real.yaml", "--set", "data.queries=7",
+                                      "--set", "data.augment=[natural]", "--out", str(tmp_path)])
+    args = ablations.parse_args()
+    argv = ablations.fit_args("contrastive", 3, args)
+    assert argv[-2:] == ["--data.queries=7", "--data.augment=[natural]"]  # after conf/real.yaml's queries: 10
+    cli = ablations.MetaCLI(ablations.MetaContrastiveModule, ablations.EpisodicDataModule, run=False, args=argv)
+    assert cli.config.data.queries == 7 and cli.config.data.augment == ["natural"] and cli.config.seed_everything == 3
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--set", "data.queries"])
+    with pytest.raises(SystemExit):
+        ablations.parse_args()
