@@ -1,4 +1,4 @@
-"""bench/ablations.py: a table over seeds built from runs trained in separate invocations (--merge)."""
+"""bench/ablations.py: tables over seeds built from separate invocations (--merge), and --set overrides."""
 from __future__ import annotations
 
 import dataclasses
