@@ -10,7 +10,8 @@ accuracy_vs_shots.png for the table (``metacontrastive.reporting``), runs.json w
 training times and last validation accuracies. --merge adds the runs.json of earlier invocations (other
 seeds, trained in another session or on another machine) to the table, so a three-seed table can be
 built one seed at a time. --set KEY=VALUE overrides any option after the preset (the held-out test domain
-of the real recipe, say) without a config file of its own.
+of the real recipe, say) without a config file of its own. --tag names a change of recipe in the table
+(``contrastive+coco``), so that --versus contrastive pairs it with earlier, untagged runs of the same seeds.
 
 Usage:
     python bench/ablations.py --root data/shards --out bench/results/ablations [--steps 300] [--episodes 600]
@@ -20,6 +21,8 @@ Usage:
     python bench/ablations.py --seeds 2 --merge out/seed0 --merge out/seed1 --out out/seeds012
     python bench/ablations.py --seeds "" --merge out/seed0 --merge out/seed1 --out out/seeds01  # table only
     python bench/ablations.py --seeds "" --merge out/seed0 --merge out/seed1 --versus contrastive --out out/paired
+    python bench/ablations.py --presets contrastive --tag +coco --domains natural,medical,coco --merge out/seeds01 \
+        --seeds 0,1 --versus contrastive --out out/coco  # a recipe change, paired with the untagged runs
 """
 from __future__ import annotations
 
@@ -135,6 +138,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", action="append", default=[], help="the recipe: config files after conf/default.yaml and before the preset (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a CLI override applied last, e.g. data.test_domains=[natural,braintest] (repeatable)")
+    parser.add_argument("--tag", default="", help="appended to this invocation's preset names (e.g. +coco after a "
+                        "change of recipe), so that --merge and --versus pair it with the untagged runs")
     parser.add_argument("--merge", action="append", default=[], metavar="DIR",
                         help="add the runs of an earlier invocation's --out DIR (its runs.json) to the table (repeatable)")
     parser.add_argument("--versus", metavar="PRESET", help="also tabulate every preset's paired difference from this "
@@ -143,6 +148,8 @@ def parse_args() -> argparse.Namespace:
     for setting in args.set:
         if "=" not in setting or setting.startswith("-"):
             parser.error(f"--set {setting!r}: write KEY=VALUE, e.g. --set data.augment=[natural]")
+    if "/" in args.tag:
+        parser.error(f"--tag {args.tag!r}: a tag may not contain '/', which separates preset and method")
     return args
 
 
@@ -160,11 +167,12 @@ def main() -> None:
             sets = cli.datamodule.episode_sets("test", shots, args.episodes, labelled_only=True)
             extra = ["pixels"] if n == 0 else []  # the floor needs no model: once per seed is enough
             results = evaluate(cli.model, sets, extra + methods, progress=False)  # the last weights, as last.ckpt
-            rows += [(seed, dataclasses.replace(r, method=r.method if r.method == "pixels" else f"{preset}/{r.method}"))
+            label = preset + args.tag
+            rows += [(seed, dataclasses.replace(r, method=r.method if r.method == "pixels" else f"{label}/{r.method}"))
                      for r in results]
             val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/acc")}
-            timings.append({"seed": seed, "preset": preset, "steps": args.steps, "fit_s": fit_s, "val": val})
-            print(f"seed {seed} {preset}: trained {args.steps} steps in {fit_s:.0f}s")
+            timings.append({"seed": seed, "preset": label, "steps": args.steps, "fit_s": fit_s, "val": val})
+            print(f"seed {seed} {label}: trained {args.steps} steps in {fit_s:.0f}s")
     if not rows:
         raise SystemExit("nothing to tabulate: give --seeds to train, or --merge earlier results")
     runs = [(t["seed"], t["preset"]) for t in timings]

@@ -1,4 +1,4 @@
-"""bench/ablations.py: tables over seeds built from separate invocations (--merge), and --set overrides."""
+"""bench/ablations.py: tables over seeds built from separate invocations (--merge), --set overrides and --tag."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -95,5 +96,41 @@ def test_set_overrides_come_last_and_reach_the_config(ablations, tmp_path, monke
     cli = ablations.MetaCLI(ablations.MetaContrastiveModule, ablations.EpisodicDataModule, run=False, args=argv)
     assert cli.config.data.queries == 7 and cli.config.data.augment == ["natural"] and cli.config.seed_everything == 3
     monkeypatch.setattr(sys, "argv", ["ablations.py", "--set", "data.queries"])
+    with pytest.raises(SystemExit):
+        ablations.parse_args()
+
+
+def test_a_tag_names_a_recipe_change_and_pairs_it_with_untagged_runs(ablations, tmp_path, monkeypatch):
+    before = tmp_path / "before"
+    before.mkdir()
+    runs = [{"seed": s, "preset": "contrastive", "steps": 150, "fit_s": 1.0, "val": {}} for s in (0, 1)]
+    results = [{"seed": s, **_row(m, a).as_dict()} for s, m, a in
+               [(0, "pixels", 0.6), (0, "contrastive/dcmcl", 0.65), (1, "pixels", 0.6), (1, "contrastive/dcmcl", 0.61)]]
+    (before / "runs.json").write_text(json.dumps({"runs": runs, "results": results}))
+    trained = []  # stands in for training and scoring: this test is about names and pairing, not accuracy
+
+    def fake_train(preset, seed, args):
+        trained.append((preset, seed))
+        data = SimpleNamespace(episode_sets=lambda *a, **k: None)
+        return SimpleNamespace(model=None, datamodule=data, trainer=SimpleNamespace(callback_metrics={}))
+
+    def fake_evaluate(model, sets, methods, progress):
+        seed = trained[-1][1]
+        return [_row(m, 0.6 if m == "pixels" else {0: 0.70, 1: 0.64}[seed]) for m in methods]
+
+    monkeypatch.setattr(ablations, "train", fake_train)
+    monkeypatch.setattr(ablations, "evaluate", fake_evaluate)
+    out = tmp_path / "coco"
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--presets", "contrastive", "--tag", "+coco", "--seeds", "0,1",
+                                      "--methods", "dcmcl", "--merge", str(before), "--versus", "contrastive",
+                                      "--out", str(out)])
+    ablations.main()
+    assert trained == [("contrastive", 0), ("contrastive", 1)]  # the tag renames the rows, not the preset trained
+    presets = [(r["seed"], r["preset"]) for r in json.loads((out / "runs.json").read_text())["runs"]]
+    assert presets == [(0, "contrastive"), (1, "contrastive"), (0, "contrastive+coco"), (1, "contrastive+coco")]
+    lines = (out / "paired.md").read_text().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| contrastive+coco/dcmcl | natural | 5 | +4.0 ± ")
+    assert lines[2].endswith("| 0: +5.0, 1: +3.0 |")
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--tag", "a/b"])
     with pytest.raises(SystemExit):
         ablations.parse_args()
