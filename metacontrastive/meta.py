@@ -33,7 +33,7 @@ with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, whic
 
 __all__ = ["ADAPT_SCOPES", "ALGORITHMS", "ENGINES", "AdaptScope", "Adapted", "Algorithm", "Engine", "FunctionalParts",
            "Rows", "TaskView", "adapt", "adapt_and_score", "batch_features", "blend_domains", "build_learner",
-           "class_means", "func_adapt_and_score", "func_batchable", "towers_batch"]
+           "class_means", "func_adapt_and_score", "func_batchable", "task_cached", "task_images", "towers_batch"]
 
 ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "film": ("film_image", "film_text"),
@@ -109,21 +109,40 @@ def adapt(
 
 def towers_batch(model: DomainConditionedCLIP, towers_adapt: bool) -> bool:
     """Whether the tasks of a meta-batch can share one call of each tower: the towers are slow weights, and
-    the image tower normalises each image on its own (no BatchNorm whose statistics would mix tasks)."""
+    the image tower normalises each image on its own (no BatchNorm whose statistics would mix tasks, and no
+    ``support_norm``, which normalises each task with its own support set outside training)."""
     if towers_adapt:
         return False
     normalises_batch = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.image_tower.modules())
-    return not normalises_batch or (not model.image_tower.training and not model.config.support_norm)
+    per_task_norm = model.config.support_norm and not model.training
+    return not normalises_batch or (not model.image_tower.training and not per_task_norm)
+
+
+def task_images(task: Task) -> torch.Tensor | None:
+    """(S + Q, 3, H, W) a task's support then query images, or None when it carries only cached features."""
+    return None if task.support_images is None else torch.cat([task.support_images, task.query_images])
+
+
+def task_cached(task: Task) -> tuple[torch.Tensor, str] | None:
+    """(S + Q, F_I) a task's cached image features with the tower id that made them, or None."""
+    return (torch.cat([task.support_features, task.query_features]), task.features_of) if task.cached else None
 
 
 def batch_features(model: DomainConditionedCLIP, tasks: list[Task]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every task's tower features from one call of each tower over the whole meta-batch, split per task
-    (what ``towers_batch`` allows): one large batch keeps an accelerator busier than several small ones."""
-    images = torch.cat([torch.cat([t.support_images, t.query_images]) for t in tasks])  # (sum S + Q, 3, H, W)
-    h_image, h_text = model.features(images, [text for t in tasks for text in t.texts])
-    image_parts = h_image.split([len(t.support_images) + len(t.query_images) for t in tasks])
-    text_parts = h_text.split([len(t.texts) for t in tasks])
-    return list(zip(image_parts, text_parts))
+    (what ``towers_batch`` allows): one large batch keeps an accelerator busier than several small ones. Tasks
+    that carry cached image features take them, the others share one image tower call."""
+    h_image: list[torch.Tensor | None] = [None] * len(tasks)
+    decoded = [i for i, t in enumerate(tasks) if not t.cached]
+    if decoded:
+        images = torch.cat([task_images(tasks[i]) for i in decoded])  # (sum S + Q, 3, H, W)
+        for i, h in zip(decoded, model.image_features(images).split([tasks[i].size for i in decoded])):
+            h_image[i] = h
+    for i, task in enumerate(tasks):
+        if task.cached:
+            h_image[i] = model.image_features(None, cached=task_cached(task))
+    h_text = model.text_features([text for t in tasks for text in t.texts]).split([len(t.texts) for t in tasks])
+    return list(zip(h_image, h_text))
 
 
 def class_means(x: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -179,21 +198,26 @@ class TaskView:
                  features: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.model, self.task, self.domain_row, self.towers_adapt = model, task, domain_row, towers_adapt
         self.prototype_weight = prototype_weight if task.labelled else None
-        self.images = torch.cat([task.support_images, task.query_images])  # (S + Q, 3, H, W)
-        n = len(task.support_images)
+        self.images = task_images(task)  # (S + Q, 3, H, W), or None with cached features
+        n = len(task.support_labels)
         self.support = Rows.of(slice(0, n), task.support_labels)
         self.query = Rows.of(slice(n, None), task.query_labels)
         self.both = Rows.of(slice(None), torch.cat([task.support_labels, task.query_labels]))
         if towers_adapt:
+            if self.images is None:
+                raise ValueError("the towers adapt in the inner loop (adapt_scope=all), so tasks need images, not cached "
+                                 "features: set data.feature_cache=off")
             self._features = None
+        elif features is not None:
+            self._features = features
         else:
-            self._features = features if features is not None else model.features(self.images, task.texts, support=n)
+            self._features = model.features(self.images, task.texts, support=n, cached=task_cached(task))
 
     def features(self, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tower features h_I (S + Q, F_I) and h_T (M, F_T)."""
         if self._features is not None:
             return self._features
-        return self.model.features(self.images, self.task.texts, fast=fast, support=len(self.task.support_images))
+        return self.model.features(self.images, self.task.texts, fast=fast, support=len(self.task.support_labels))
 
     def texts(self, fast: Parts | None = None) -> torch.Tensor:
         """(L, D) one normalised text embedding per label: its prompts' embeddings averaged (prompt ensembling)."""

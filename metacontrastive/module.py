@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from metacontrastive.data.episodes import Task
+from metacontrastive.errors import BadInput
 from metacontrastive.losses import Alignment, alignment_loss
 from metacontrastive.meta import (
     ADAPT_SCOPES, AdaptScope, Algorithm, Engine, TaskView, adapt_and_score, batch_features, blend_domains,
@@ -217,6 +218,9 @@ class MetaContrastiveModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "stage_domains"):
             self.episode_scores = self._score_metrics({s: datamodule.stage_domains[s] for s in ("val", "test")})
+        if datamodule is not None and hasattr(datamodule, "attach"):  # image size, and the feature cache of a frozen tower
+            datamodule.attach(self.model.frozen_image_tower(self.towers_adapt), self.trainer.strategy.root_device,
+                              progress=self.trainer.is_global_zero)
 
     @property
     def prototype_weight(self) -> torch.Tensor | None:
@@ -409,6 +413,15 @@ class MetaContrastiveModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        # a frozen pretrained tower is rebuilt from its name when the checkpoint loads: store its digest, not its weights
+        checkpoint["frozen_towers"] = {}
+        for name in ("image_tower", "text_tower"):
+            tower = getattr(self.model, name)
+            if tower.frozen and tower.pretrained:
+                prefix = f"model.{name}."
+                for key in [k for k in checkpoint["state_dict"] if k.startswith(prefix)]:
+                    del checkpoint["state_dict"][key]
+                checkpoint["frozen_towers"][name] = self.model.digest(name)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         theirs, ours = _structure(checkpoint.get("hyper_parameters", {})), _structure(dict(self.hparams))
@@ -417,6 +430,15 @@ class MetaContrastiveModule(L.LightningModule):
             raise ValueError("the checkpoint was trained with another model configuration (" + "; ".join(differ) +
                              "): run with that run's config.yaml (-c <run>/config.yaml), or start a new run")
         self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
+        for name, digest in checkpoint.get("frozen_towers", {}).items():  # rebuilt from its name: the same weights?
+            tower = getattr(self.model, name)
+            if not tower.frozen or self.model.digest(name) != digest:
+                raise BadInput(f"the checkpoint's {name} ({self.model.config.image_tower if name == 'image_tower' else self.model.config.text_tower}) "
+                               f"had weights with digest {digest[:16]}, but the tower built here has "
+                               f"{self.model.digest(name)[:16] if tower.frozen else 'trainable weights'}: install the weights "
+                               "it was trained with (the same weights package or file), or retrain")
+            prefix = f"model.{name}."
+            checkpoint["state_dict"].update({prefix + key: value for key, value in tower.state_dict().items()})
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # A run whose max_steps ends mid-epoch would stop without validating; asking to stop at the

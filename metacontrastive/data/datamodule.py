@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from metacontrastive.data.episodes import EpisodeShape, mix_seed
+from metacontrastive.data.features import FeatureSpec, FrozenTower, build_split, feature_folder, feature_table
 from metacontrastive.data.manifest import ROOT, DomainSplit, domain_split, read_manifest
 from metacontrastive.data.shards import DROP_REASONS
 from metacontrastive.data.tasks import (
     DomainSampling, EvaluationPool, FixedEpisodes, Interleaved, MetaBatches, MetaBatchStream, Prompts, StreamOptions,
 )
+from metacontrastive.errors import BadInput
 
 __all__ = ["EpisodicDataModule"]
 
@@ -42,9 +46,11 @@ def _check_options(options: dict) -> None:
         if names is not None and (not names or len(set(names)) != len(names)):
             refuse(name, "name at least one domain, each once")
     for name, low in (("tasks_per_batch", 1), ("steps_per_epoch", 1), ("val_episodes", 1), ("test_episodes", 1),
-                      ("image_size", 8), ("num_workers", 0), ("prefetch", 1), ("shuffle_buffer", 0), ("reservoir", 1)):
+                      ("num_workers", 0), ("prefetch", 1), ("shuffle_buffer", 0), ("reservoir", 1)):
         if options[name] < low:
             refuse(name, f"use {low} or more")
+    if options["image_size"] is not None and options["image_size"] < 8:
+        refuse("image_size", "use 8 or more, or null for the image tower's input size")
     for name in ("eval_ways", "eval_pool", "support_size", "query_size"):
         if options[name] is not None and options[name] < (2 if name == "eval_ways" else 1):
             refuse(name, f"use {2 if name == 'eval_ways' else 1} or more, or null for the default")
@@ -82,7 +88,9 @@ class EpisodicDataModule(L.LightningDataModule):
         steps_per_epoch: meta-batches per training epoch (the streams are infinite).
         val_episodes: fixed validation episodes per domain.
         test_episodes: fixed test episodes per domain.
-        image_size: side length images are resized to.
+        image_size: side length images are decoded at; None: the image tower's input size when it states one
+            (``model.encoder.image_size``, or the pretrained backbone's own), else 32. A size that differs from the
+            tower's warns: the tower would resize every image again.
         num_workers: DataLoader workers for the training stream.
         prefetch: meta-batches each training worker prepares ahead (DataLoader ``prefetch_factor``).
         pin_memory: hand the model page-locked batches, which a GPU copies while it computes; None: when the
@@ -100,6 +108,12 @@ class EpisodicDataModule(L.LightningDataModule):
         eval_seed: seeds the fixed validation and test episodes (kept apart from ``seed`` so that runs
             with different training seeds are evaluated on the same episodes).
         strict_decode: raise on a corrupt shard or image instead of skipping, counting and logging it.
+        feature_cache: ``auto``: when the model's image tower is frozen (and its features do not depend on the
+            task), compute each image's features once, store them beside the shards and stream them instead of
+            the images, for every split but the training split of an augmented domain
+            (``metacontrastive.data.features``); ``on``: the same, and stop if it cannot be used; ``off``: never.
+        feature_dir: where the feature cache lives (default: beside each domain's shards, under ``root``); needed
+            when shards come from ``urls``.
     """
 
     def __init__(
@@ -120,7 +134,7 @@ class EpisodicDataModule(L.LightningDataModule):
         steps_per_epoch: int = 100,
         val_episodes: int = 50,
         test_episodes: int = 600,
-        image_size: int = 32,
+        image_size: int | None = None,
         num_workers: int = 0,
         prefetch: int = 2,
         pin_memory: bool | None = None,
@@ -132,6 +146,8 @@ class EpisodicDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_seed: int = 0,
         strict_decode: bool = False,
+        feature_cache: Literal["auto", "on", "off"] = "auto",
+        feature_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -155,6 +171,14 @@ class EpisodicDataModule(L.LightningDataModule):
         self._pools: dict[tuple[str, str], EvaluationPool] = {}
         self._dropped: torch.Tensor | None = None  # (workers, training domains, reasons), shared with the workers
         self._fixed_sets: dict[str, Interleaved] = {}
+        self.tower_size: int | None = None  # the image tower's input side, once a model is attached
+        self.spec: FeatureSpec | None = None  # what the feature cache holds, once built
+        self.cached: dict[tuple[str, str], list[Path]] = {}  # (domain, split) -> its feature files
+
+    @property
+    def image_size(self) -> int:
+        """The side images are decoded at: ``image_size``, else the attached image tower's input size, else 32."""
+        return self.hparams.image_size or self.tower_size or 32
 
     @property
     def evaluation_only(self) -> list[str]:
@@ -192,11 +216,47 @@ class EpisodicDataModule(L.LightningDataModule):
         for name in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test")):
             self.split(name)
 
+    def attach(self, tower: FrozenTower, device: torch.device | str = "cpu", progress: bool = True) -> None:
+        """Connect the model's image tower: images are decoded at its input size (unless ``image_size`` says
+        otherwise), and, with ``feature_cache``, its features of every split set up so far are computed once
+        (built where missing or stale; shard by shard, so DDP ranks that attach together share the work) and
+        streamed instead of images from then on. Called by the model's ``setup`` and by ``evaluate``."""
+        hp = self.hparams
+        self.tower_size = tower.input_size
+        if hp.image_size is not None and tower.input_size is not None and hp.image_size != tower.input_size:
+            log.warning("data.image_size=%d, but the image tower runs at %d px (model.encoder.image_size): every image is "
+                        "decoded at %d and resized again to %d; leave data.image_size unset to decode at the tower's size",
+                        hp.image_size, tower.input_size, hp.image_size, tower.input_size)
+        if hp.feature_cache == "off":
+            return
+        if tower.cacheable is not None:
+            if hp.feature_cache == "on":
+                raise BadInput(f"data.feature_cache=on, but {tower.cacheable}: set data.feature_cache=auto or off")
+            log.info("feature cache off: %s", tower.cacheable)
+            return
+        self.spec = FeatureSpec(tower.id, self.image_size)
+        for name, splits in self.splits.items():
+            for split in splits:
+                if (split.name, name) in self.cached or (name == "train" and split.name in hp.augment):
+                    continue  # augmented training images change every time: no cache
+                remote = split.name in (hp.urls or {})
+                if remote and hp.feature_dir is None:
+                    if hp.feature_cache == "on":
+                        raise BadInput(f"domain {split.name!r} streams from data.urls: set data.feature_dir to a folder "
+                                       "for its feature cache, or data.feature_cache=auto to read its images")
+                    log.info("feature cache off for domain %r: its shards come from data.urls and data.feature_dir "
+                             "is not set", split.name)
+                    continue
+                folder = feature_folder(hp.feature_dir or hp.root, split.name, self.spec)
+                self.cached[(split.name, name)] = build_split(split, name, tower.tower, self.spec, folder, device,
+                                                              strict=hp.strict_decode, progress=progress)
+
     def train_dataloader(self) -> DataLoader:
         hp, trainer = self.hparams, self.trainer
         rank, epoch, step = (trainer.global_rank, trainer.current_epoch, trainer.global_step) if trainer else (0, 0, 0)
-        options = StreamOptions(hp.image_size, hp.shuffle_buffer, hp.reservoir, hp.strict_decode, tuple(hp.augment),
-                                hp.prompts)
+        cached = {domain: [str(p) for p in files] for (domain, name), files in self.cached.items() if name == "train"}
+        options = StreamOptions(self.image_size, hp.shuffle_buffer, hp.reservoir, hp.strict_decode, tuple(hp.augment),
+                                hp.prompts, cached, self.spec)
         # A resumed run (step > 0) seeds its streams with the step it resumes at as well: fresh episodes, never
         # the ones the interrupted run already trained on in this epoch (a fresh run's seeds are unchanged).
         seed = mix_seed(hp.seed, step) if step > 0 else hp.seed
@@ -243,7 +303,8 @@ class EpisodicDataModule(L.LightningDataModule):
         key = (split.name, name)
         if key not in self._pools:
             hp = self.hparams
-            self._pools[key] = EvaluationPool(split, hp.image_size, hp.eval_pool, hp.strict_decode)
+            features = (feature_table(self.cached[key], self.spec), self.spec.tower) if key in self.cached else None
+            self._pools[key] = EvaluationPool(split, self.image_size, hp.eval_pool, hp.strict_decode, features)
         return self._pools[key]
 
     def episode_sets(self, name: str, shots: list[int] | None = None, count: int | None = None,

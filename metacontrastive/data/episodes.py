@@ -42,26 +42,43 @@ class Task:
     ``query_labels`` (N*Q,) take values in 0..N-1 and ``classes`` names the N classes. For a
     caption-only task ``texts`` holds the unique captions of support and query together, a label
     indexes its pair's caption (identical captions share one), ``prompts`` is 1 and ``classes`` is empty.
+
+    A task read through a feature cache (``metacontrastive.data.features``) carries the frozen image tower's
+    features of its images (``support_features``, ``query_features``), made by the tower that ``features_of``
+    names; the model then skips that tower. Its images are None where they were never decoded (training).
     """
 
     domain: str
     domain_id: int
     texts: list[str]
-    support_images: torch.Tensor  # (S, 3, H, W) float in [0, 1]
+    support_images: torch.Tensor | None  # (S, 3, H, W) float in [0, 1]
     support_labels: torch.Tensor  # (S,)
-    query_images: torch.Tensor  # (Q, 3, H, W)
+    query_images: torch.Tensor | None  # (Q, 3, H, W)
     query_labels: torch.Tensor  # (Q,)
     classes: list[str] = field(default_factory=list)
     prompts: int = 1
+    support_features: torch.Tensor | None = None  # (S, F_I) the cached image tower's
+    query_features: torch.Tensor | None = None  # (Q, F_I)
+    features_of: str | None = None  # the tower that made them (``features.FeatureSpec.tower``)
 
     @property
     def labelled(self) -> bool:
         return bool(self.classes)
 
+    @property
+    def size(self) -> int:
+        """Images in the task: support and query."""
+        return len(self.support_labels) + len(self.query_labels)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the task carries its image tower's features."""
+        return self.support_features is not None
+
     def map_tensors(self, fn) -> Task:
-        """A copy with ``fn`` applied to each tensor (images and labels)."""
-        names = ("support_images", "support_labels", "query_images", "query_labels")
-        return dataclasses.replace(self, **{name: fn(getattr(self, name)) for name in names})
+        """A copy with ``fn`` applied to each tensor (images, features and labels; absent ones stay None)."""
+        names = ("support_images", "support_labels", "query_images", "query_labels", "support_features", "query_features")
+        return dataclasses.replace(self, **{name: fn(getattr(self, name)) for name in names if getattr(self, name) is not None})
 
     def pin_memory(self) -> Task:
         """A copy in page-locked memory, which a GPU copies from asynchronously (the DataLoader calls this
@@ -102,27 +119,47 @@ def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _stack(records: list[Record]) -> torch.Tensor:
-    """(n, 3, H, W) float images in [0, 1]. In numpy, on one thread: torch would spread this small op over
-    its intra-op pool, which costs a hundred times more than it saves when the cores are busy training."""
+def _stack(records: list[Record]) -> torch.Tensor | None:
+    """(n, 3, H, W) float images in [0, 1], or None when the records hold no images (a feature cache).
+    In numpy, on one thread: torch would spread this small op over its intra-op pool, which costs a hundred
+    times more than it saves when the cores are busy training."""
+    if records[0].image is None:
+        return None
     pixels = np.stack([r.image.numpy() for r in records])  # (n, 3, H, W) uint8
     return torch.from_numpy(np.divide(pixels, np.float32(255.0), dtype=np.float32))
 
 
-def make_task(domain: str, domain_id: int, class_names: list[str], groups: list[list[Record]], shots: int,
-              templates: list[str]) -> Task:
-    """Build a labelled task from ``groups[i]``, the records of class ``class_names[i]`` (every group the
-    same size): the first ``shots`` records of each class are the support set, the rest the query set;
-    each class gets one prompt per template."""
-    ways, queries = len(groups), len(groups[0]) - shots
-    records = [r for g in groups for r in g[:shots]] + [r for g in groups for r in g[shots:]]
-    images = _stack(records)  # (N*K + N*Q, 3, H, W), one conversion for the whole task
-    support_labels = torch.arange(ways).repeat_interleave(shots)  # (N*K,)
-    query_labels = torch.arange(ways).repeat_interleave(queries)  # (N*Q,)
+def _stack_features(records: list[Record]) -> torch.Tensor | None:
+    """(n, F) cached tower features of the records, or None when they hold none."""
+    if records[0].features is None:
+        return None
+    return torch.from_numpy(np.stack([r.features.numpy() for r in records]))
+
+
+def _split_rows(records: list[Record], n: int, features_of: str | None) -> dict:
+    """The Task fields of ``records`` whose first ``n`` are the support set: images and cached features."""
+    images, features = _stack(records), _stack_features(records)  # one conversion for the whole task
+    out = {"support_images": None if images is None else images[:n], "query_images": None if images is None else images[n:]}
+    if features is not None:
+        out.update(support_features=features[:n], query_features=features[n:], features_of=features_of)
+    return out
+
+
+def make_task(domain: str, domain_id: int, class_names: list[str], groups: list[list[Record]], shots: int | list[int],
+              templates: list[str], features_of: str | None = None) -> Task:
+    """Build a labelled task from ``groups[i]``, the records of class ``class_names[i]``: the first ``shots``
+    records of each class (``shots[i]`` of class i, when a list) are the support set, the rest the query set;
+    each class gets one prompt per template. ``features_of`` names the tower of cached features the records
+    carry, if any."""
+    ways = len(groups)
+    shots = [shots] * ways if isinstance(shots, int) else list(shots)
+    records = [r for g, k in zip(groups, shots) for r in g[:k]] + [r for g, k in zip(groups, shots) for r in g[k:]]
+    support_labels = torch.arange(ways).repeat_interleave(torch.tensor(shots))  # (sum K,)
+    query_labels = torch.arange(ways).repeat_interleave(torch.tensor([len(g) - k for g, k in zip(groups, shots)]))  # (Q,)
     texts = [template.format(label=name) for name in class_names for template in templates]  # class by class
-    n = ways * shots
-    return Task(domain, domain_id, texts, images[:n], support_labels, images[n:], query_labels, list(class_names),
-                len(templates))
+    rows = _split_rows(records, sum(shots), features_of)
+    return Task(domain, domain_id, texts, rows.pop("support_images"), support_labels, rows.pop("query_images"),
+                query_labels, list(class_names), len(templates), **rows)
 
 
 AUGMENTATION = {"scale": (0.6, 1.0), "ratio": (3 / 4, 4 / 3), "flip": 0.5, "jitter": 0.4}
@@ -166,15 +203,17 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(0.0, 1.0)
 
 
-def make_caption_task(domain: str, domain_id: int, records: list[Record], support_size: int) -> Task:
+def make_caption_task(domain: str, domain_id: int, records: list[Record], support_size: int,
+                      features_of: str | None = None) -> Task:
     """Build a caption-only task: the first ``support_size`` pairs are the support set, the rest the query
     set; ``texts`` are the unique captions in order of appearance and a label indexes its caption."""
     texts = list(dict.fromkeys(r.text for r in records))
     index = {text: i for i, text in enumerate(texts)}
     labels = torch.tensor([index[r.text] for r in records])  # (S + Q,)
-    images = _stack(records)  # (S + Q, 3, H, W)
     s = support_size
-    return Task(domain, domain_id, texts, images[:s], labels[:s], images[s:], labels[s:])
+    rows = _split_rows(records, s, features_of)
+    return Task(domain, domain_id, texts, rows.pop("support_images"), labels[:s], rows.pop("query_images"), labels[s:],
+                **rows)
 
 
 class EpisodeSampler:

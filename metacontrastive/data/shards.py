@@ -31,7 +31,8 @@ from webdataset.tariterators import tarfile_samples
 
 from metacontrastive.data.manifest import MANIFEST, SPLITS, write_manifest
 
-__all__ = ["DROP_REASONS", "SHARD_SIZE", "DomainWriter", "Record", "RecordStream", "SkipCounter", "decode_record", "sample_label"]
+__all__ = ["DROP_REASONS", "IMAGE_KEYS", "SHARD_SIZE", "DomainWriter", "Record", "RecordStream", "SkipCounter", "decode_record",
+           "sample_label", "shuffled"]
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +173,17 @@ class DomainWriter:
 
 @dataclass
 class Record:
-    """One decoded sample: a uint8 image (3, H, W), its caption, its class index (-1 if none) and its key."""
+    """One decoded sample: a uint8 image (3, H, W), its caption, its class index (-1 if none) and its key.
 
-    image: torch.Tensor
+    A record read from a feature cache (``metacontrastive.data.features``) carries its frozen tower's
+    features (F,) instead of, or besides, its image: ``image`` is None when the images were never decoded.
+    """
+
+    image: torch.Tensor | None
     text: str
     label: int
     key: str
+    features: torch.Tensor | None = None
 
 
 def sample_label(sample: dict) -> int:
@@ -363,17 +369,24 @@ class RecordStream:
                 yield sample
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        if not self.shuffle_buffer:
-            yield from samples
-            return
-        buffer = self._buffer = []  # this iteration's buffer, watched by ``buffered``
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        while buffer:
-            yield buffer.pop()
+        self._buffer = []  # this iteration's buffer, watched by ``buffered``
+        return shuffled(samples, self.shuffle_buffer, rng, self._buffer)
+
+
+def shuffled(items: Iterator, size: int, rng: random.Random, buffer: list | None = None) -> Iterator:
+    """``items`` through a shuffle buffer of ``size`` (0: in order): each item leaves at a random time after
+    the buffer filled; ``buffer`` (an empty list) is the buffer itself, for callers that watch its size."""
+    if not size:
+        yield from items
+        return
+    buffer = [] if buffer is None else buffer
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(len(buffer))
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    while buffer:
+        yield buffer.pop()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from metacontrastive.data.episodes import (
     CaptionSampler, EpisodeSampler, EpisodeShape, Task, augment, episodes, make_caption_task, make_task, mix_seed,
 )
+from metacontrastive.data.features import FeatureSpec, FeatureStream, attach_features
 from metacontrastive.data.manifest import DomainSplit
 from metacontrastive.data.shards import DROP_REASONS, Record, RecordStream
 
@@ -69,6 +71,9 @@ class StreamOptions:
         strict: raise on a corrupt sample instead of skipping it.
         augment: domains whose training images are augmented (``episodes.augment``).
         prompts: ``one`` template per class and task, or ``all`` of them (see ``class_templates``).
+        cached: the feature files of each domain whose training split streams cached tower features instead
+            of images (``metacontrastive.data.features``).
+        spec: what those features were made for.
     """
 
     image_size: int
@@ -77,6 +82,8 @@ class StreamOptions:
     strict: bool
     augment: tuple[str, ...]
     prompts: str
+    cached: dict[str, list[str]] = field(default_factory=dict)
+    spec: FeatureSpec | None = None
 
 
 class DomainTaskStream:
@@ -99,9 +106,17 @@ class DomainTaskStream:
                  counts: torch.Tensor | None = None) -> None:
         self.split, self.shape = split, shape
         buffer = options.shuffle_buffer
-        self.records = RecordStream(split.urls, options.image_size, mix_seed(seed, 0), resampled=True, shuffle_buffer=buffer,
-                                    labels=set(split.usable) if split.labelled else None, strict=options.strict,
-                                    where=f"domain {split.name!r} train", expected=split.num_samples, counts=counts)
+        labels, where = (set(split.usable) if split.labelled else None), f"domain {split.name!r} train"
+        files = options.cached.get(split.name)
+        self.features_of = options.spec.tower if files else None
+        if files:  # the frozen image tower's features, computed once: no image is decoded
+            self.records: RecordStream | FeatureStream = FeatureStream(
+                [Path(f) for f in files], options.spec, mix_seed(seed, 0), resampled=True, shuffle_buffer=buffer,
+                labels=labels, where=where, counts=counts)
+        else:
+            self.records = RecordStream(split.urls, options.image_size, mix_seed(seed, 0), resampled=True,
+                                        shuffle_buffer=buffer, labels=labels, strict=options.strict, where=where,
+                                        expected=split.num_samples, counts=counts)
         self._rng = random.Random(mix_seed(seed, 1))
         self.prompts = options.prompts
         self._augment = torch.Generator().manual_seed(mix_seed(seed, 2)) if split.name in options.augment else None
@@ -125,12 +140,13 @@ class DomainTaskStream:
     def __next__(self) -> Task:
         split = self.split
         if not split.labelled:
-            task = make_caption_task(split.name, split.domain_id, next(self._draws), self.shape.support_size)
+            task = make_caption_task(split.name, split.domain_id, next(self._draws), self.shape.support_size,
+                                     self.features_of)
         else:
             classes, groups = next(self._draws)
             names = [split.classes[c] for c in classes]
             task = make_task(split.name, split.domain_id, names, groups, self.shape.shots,
-                             class_templates(split, self.prompts, self._rng))
+                             class_templates(split, self.prompts, self._rng), self.features_of)
         if self._augment is not None:
             task.support_images = augment(task.support_images, self._augment)
             task.query_images = augment(task.query_images, self._augment)
@@ -223,7 +239,7 @@ Draw = list[tuple[int, list[int]]]  # one episode: (class id, indices into the p
 class EvaluationPool:
     """The decoded records of one domain's evaluation split, by class (caption-only: all under -1).
 
-    Memory: every kept record is held decoded, 3 * image_size**2 bytes each.
+    Memory: every kept record is held decoded, 3 * image_size**2 bytes each (and its cached features, 4 * F).
 
     Args:
         split: the domain's split.
@@ -231,10 +247,14 @@ class EvaluationPool:
         per_class: keep at most this many records per class (caption-only: in total), the first ones
             in shard order; None keeps the whole split.
         strict: raise on a corrupt sample instead of skipping and counting it.
+        features: the split's cached tower features by sample key, and the tower that made them
+            (``features.feature_table``, ``FeatureSpec.tower``): each record gets its own, and episodes carry them.
     """
 
-    def __init__(self, split: DomainSplit, image_size: int, per_class: int | None = None, strict: bool = False) -> None:
+    def __init__(self, split: DomainSplit, image_size: int, per_class: int | None = None, strict: bool = False,
+                 features: tuple[dict[str, torch.Tensor], str] | None = None) -> None:
         self.split = split
+        self.features_of = features[1] if features is not None else None
         self.records: dict[int, list[Record]] = {c: [] for c in split.counts} if split.labelled else {-1: []}
         stream = RecordStream(split.urls, image_size, seed=0, resampled=False,
                               labels=set(split.counts) if split.labelled else None, strict=strict,
@@ -248,6 +268,9 @@ class EvaluationPool:
                 if full == len(self.records):
                     break
         self.skips = stream.skips
+        if features is not None:
+            for group in self.records.values():
+                attach_features(group, features[0], f"domain {split.name!r} evaluation pool")
 
     def __len__(self) -> int:
         return sum(len(group) for group in self.records.values())
@@ -299,10 +322,12 @@ class FixedEpisodes(Dataset):
     def __getitem__(self, i: int) -> Task:
         split, records = self.split, self.pool.records
         groups = [[records[c][j] for j in indices] for c, indices in self.draws[i]]
+        features_of = self.pool.features_of
         if not split.labelled:
-            return make_caption_task(split.name, split.domain_id, groups[0], self.shape.support_size)
+            return make_caption_task(split.name, split.domain_id, groups[0], self.shape.support_size, features_of)
         names = [split.classes[c] for c, _ in self.draws[i]]
-        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, class_templates(split, self.prompts))
+        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, class_templates(split, self.prompts),
+                         features_of)
 
 
 class Interleaved(Dataset):

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metacontrastive.data.features import FrozenTower
+from metacontrastive.errors import BadInput
 from metacontrastive.models.conditioning import DomainEmbedding, FiLM
 from metacontrastive.models.towers import build_towers
-from metacontrastive.models.towers.base import parameter_device, support_statistics
+from metacontrastive.models.towers.base import parameter_device, support_statistics, weights_digest
 
 __all__ = ["DomainConditionedCLIP", "EncoderConfig", "ProjectionHead"]
 
@@ -57,9 +59,11 @@ class EncoderConfig:
         condition_text: apply FiLM to text features.
         init_temperature: initial softmax temperature (CLIP: 0.07).
         max_logit_scale: clamp on the inverse temperature (CLIP: 100).
-        support_norm: outside training, the image tower's BatchNorm layers normalise each task with its
-            support images' statistics (AdaBN on the support set; ``towers.base.support_statistics``)
-            instead of running statistics gathered over every training domain.
+        support_norm: outside training (validation, test, ``evaluate``; whether or not the tower is frozen), the
+            image tower's BatchNorm layers normalise each task with its support images' statistics (AdaBN on the
+            support set; ``towers.base.support_statistics``) instead of their running statistics. Training
+            tasks always use the running statistics. Off for pretrained towers unless a measurement says
+            otherwise: it renormalises ImageNet statistics on 5 to 25 images.
         grad_checkpointing: recompute the trainable timm and transformers towers' activations in the backward
             pass instead of keeping them (``Tower.set_grad_checkpointing``): less memory for large towers and
             meta-batches, about one more tower forward of time.
@@ -113,6 +117,7 @@ class DomainConditionedCLIP(nn.Module):
         self.head_text = ProjectionHead(txt_dim, config.hidden_dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self._text_cache: dict[str, torch.Tensor] = {}  # prompt -> features of a frozen text tower
+        self._digests: dict[str, str] = {}  # frozen tower -> weights digest (they never change)
         self.max_log_scale = math.log(config.max_logit_scale)
 
     @property
@@ -123,19 +128,64 @@ class DomainConditionedCLIP(nn.Module):
         """The inverse temperature exp(logit_scale), clamped as in CLIP."""
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
+    def digest(self, name: str) -> str:
+        """The weights digest of a frozen tower (``image_tower`` or ``text_tower``), computed once."""
+        if name not in self._digests:
+            self._digests[name] = weights_digest(getattr(self, name))
+        return self._digests[name]
+
+    @property
+    def image_tower_id(self) -> str:
+        """Names the image tower, its weights and its input size: what cached features were made by."""
+        size = getattr(self.image_tower, "input_size", None)
+        return f"{self.config.image_tower}@{self.digest('image_tower')[:16]}@{size[0] if size else 'any'}px"
+
+    def frozen_image_tower(self, adapted: bool = False) -> FrozenTower:
+        """The image tower as the data path sees it (``data.features``); ``adapted``: it sits in the inner loop's
+        scope. Its features may be cached when it is frozen and they do not depend on the task."""
+        tower, size = self.image_tower, getattr(self.image_tower, "input_size", None)
+        why_not = ("the image tower trains (model.encoder.freeze_image=false)" if not tower.frozen else
+                   "the towers adapt in the inner loop (model.adapt_scope=all)" if adapted else
+                   "model.encoder.support_norm renormalises the image tower on each task" if self.config.support_norm
+                   else None)
+        return FrozenTower(tower, self.image_tower_id if why_not is None else "", size[0] if size else None, why_not)
+
     def features(
-        self, images: torch.Tensor, texts: list[str], fast: Mapping[str, nn.Module] | None = None,
-        support: int | None = None,
+        self, images: torch.Tensor | None, texts: list[str], fast: Mapping[str, nn.Module] | None = None,
+        support: int | None = None, cached: tuple[torch.Tensor, str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tower features h_I (B, F_I) and h_T (M, F_T). ``support``: the first ``support`` images are a
-        task's support set (for ``support_norm``)."""
+        """Tower features h_I (B, F_I) and h_T (M, F_T): ``image_features`` and ``text_features`` together."""
+        return self.image_features(images, fast, support, cached), self.text_features(texts, fast)
+
+    def image_features(
+        self, images: torch.Tensor | None, fast: Mapping[str, nn.Module] | None = None, support: int | None = None,
+        cached: tuple[torch.Tensor, str] | None = None,
+    ) -> torch.Tensor:
+        """Image tower features h_I (B, F_I).
+
+        Args:
+            images: (B, 3, H, W) images in [0, 1] (None when ``cached`` gives their features).
+            fast: adapted replacements for parts of the model.
+            support: the first ``support`` images are a task's support set (for ``support_norm``).
+            cached: (B, F_I) the image tower's features, computed before, and the id of the tower that made
+                them: the tower is then the identity on them, after a check that it is the tower they name.
+        """
+        if cached is not None:
+            h_image, made_by = cached
+            if not self.image_tower.frozen or made_by != self.image_tower_id:
+                raise BadInput(f"cached image features were made by {made_by}, but this model's image tower is "
+                               f"{self.config.image_tower} ({'trainable' if not self.image_tower.frozen else self.image_tower_id}): "
+                               "rebuild the feature cache (data.feature_cache) for this tower, or turn it off")
+            return h_image
         image_tower = self._part("image_tower", fast)
-        text_tower = self._part("text_tower", fast)
         norm = (support_statistics(image_tower, images[:support])
-                if self.config.support_norm and support and not image_tower.training else contextlib.nullcontext())
+                if self.config.support_norm and support and not self.training else contextlib.nullcontext())
         with norm:
-            h_image = image_tower(images)
-        return h_image, self._text_features(text_tower, texts)
+            return image_tower(images)
+
+    def text_features(self, texts: list[str], fast: Mapping[str, nn.Module] | None = None) -> torch.Tensor:
+        """Text tower features h_T (M, F_T)."""
+        return self._text_features(self._part("text_tower", fast), texts)
 
     def _text_features(self, tower: nn.Module, texts: list[str]) -> torch.Tensor:
         """A frozen text tower maps a prompt to the same features every time, and the same prompts recur in
