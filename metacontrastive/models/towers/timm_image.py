@@ -1,12 +1,22 @@
-"""timm image towers: any timm model by name, pooled features, its own normalisation and input size."""
+"""timm image towers: any timm model by name, pooled features, its own normalisation and input size.
+
+A local weight file goes through timm's loader (its checkpoint filters: renamed keys, resampled position
+embeddings), but must fit the model: timm loads a file without its classifier non-strictly, so a file of
+another architecture would load nothing and leave a random model; here it ends in one ``BadInput`` line.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from metacontrastive.models.towers.base import Tower, resize
+from metacontrastive.errors import BadInput
+from metacontrastive.models.towers.base import Tower, read_state_dict, resize
 
 __all__ = ["TimmImageTower", "timm_image_tower"]
 
@@ -63,20 +73,71 @@ def timm_image_tower(model_name: str, pretrained: str | None = None, image_size:
             by timm (classifier weights dropped); None: random initialisation.
         image_size: side the backbone runs at; None: the model's default input size. Fixed-size
             models (ViTs) are built for it, and timm resamples pretrained position embeddings.
+
+    Raises:
+        BadInput: ``pretrained`` is missing, is not a state dict, or does not fit the model (other
+            tensors, other shapes; only the classifier may differ or be absent).
     """
     import timm  # imported here: it takes seconds that runs with the tiny towers should not pay
     from timm.data import resolve_model_data_config
 
     if not timm.is_model(model_name):
-        raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models()")
+        raise BadInput(f"unknown timm model {model_name!r}; see timm.list_models()")
     kwargs: dict = {}
-    if pretrained is not None:
-        if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"no weight file at {pretrained!r} for timm model {model_name!r}")
-        kwargs["pretrained_cfg_overlay"] = {"file": os.fspath(pretrained)}  # a local file, never a download
     if image_size is not None and getattr(timm.models.get_pretrained_cfg(model_name), "fixed_input_size", False):
         kwargs["img_size"] = image_size
-    model = timm.create_model(model_name, pretrained=pretrained is not None, num_classes=0, **kwargs)
+    if pretrained is None:
+        model = timm.create_model(model_name, num_classes=0, **kwargs)
+    else:
+        model = _load_timm_model(model_name, os.fspath(pretrained), kwargs)
     config = resolve_model_data_config(model)
     input_size = (image_size, image_size) if image_size is not None else tuple(config["input_size"][-2:])
     return TimmImageTower(model, config["mean"], config["std"], input_size, config.get("interpolation", "bicubic"))
+
+
+def _load_timm_model(model_name: str, path: str, kwargs: dict) -> nn.Module:
+    """``timm.create_model`` with the weights of a local file, or one ``BadInput`` line naming the file."""
+    import timm
+
+    what = f"weights of timm model {model_name!r}"
+    if not os.path.isfile(path):
+        raise BadInput(f"{what}: no weight file at {path}; check the path")
+    try:
+        with _timm_load_report() as report:
+            model = timm.create_model(model_name, pretrained=True, num_classes=0,
+                                      pretrained_cfg_overlay={"file": path}, **kwargs)  # a local file, never a download
+    except Exception as err:
+        read_state_dict(path, what, reader=timm.models.load_state_dict)  # a file that is no state dict: BadInput
+        if isinstance(err, RuntimeError) and "loading state_dict" in str(err):  # a shape that differs
+            reason = " ".join(str(err).split())[:300]
+            raise BadInput(f"{what}: {path} does not fit the model ({reason}); "
+                           f"is it a {model_name} checkpoint?") from None
+        raise
+    if report:
+        raise BadInput(f"{what}: {path} does not fit the model: {'; '.join(report)}; is it a {model_name} checkpoint? "
+                       "(the classifier may differ or be absent, nothing else)")
+    return model
+
+
+@contextmanager
+def _timm_load_report() -> Iterator[list[str]]:
+    """Collect what timm's loader reports as missing or unexpected keys (it logs them instead of raising)."""
+    found: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            match = re.match(r"(Missing|Unexpected) keys \((.*)\)", record.getMessage())
+            if match:
+                keys = match.group(2).split(", ")
+                where = "missing from the file" if match.group(1) == "Missing" else "in the file but not the model"
+                found.append(f"{len(keys)} tensors {where} (first: {', '.join(keys[:3])})")
+
+    logger, handler = logging.getLogger("timm.models._builder"), _Collect()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # timm reports missing keys at INFO
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
