@@ -16,7 +16,7 @@ from metacontrastive.data.episodes import EpisodeShape
 from metacontrastive.data.manifest import domain_split, read_manifest
 from metacontrastive.data.shards import DomainWriter, Record
 from metacontrastive.data.synthetic import write_synthetic
-from metacontrastive.data.tasks import DomainTaskStream, StreamOptions, domain_schedule
+from metacontrastive.data.tasks import DomainTaskStream, StreamOptions, VariableShape, domain_schedule
 from metacontrastive.module import MetaContrastiveModule
 
 
@@ -154,3 +154,44 @@ def test_stage_domain_lists_must_be_distinct_and_non_empty():
         EpisodicDataModule(test_domains=["natural", "natural"])
     with pytest.raises(ValueError, match=r"data.val_domains=\[\]: name at least one domain"):
         EpisodicDataModule(val_domains=[])
+
+
+def _write_imbalanced(root, sizes, size=8):
+    """A test-only domain whose classes hold ``sizes`` images each (imbalanced, as real far-domain data is)."""
+    rng = np.random.default_rng(0)
+    names = [f"lesion {c}" for c in range(len(sizes))]
+    with DomainWriter(root, "skin", names, ["a dermoscopy image of {label}"], "test") as writer:
+        for c, n in enumerate(sizes):
+            for j in range(n):
+                image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+                writer.write("test", f"skin-{c}-{j}", image, f"a dermoscopy image of {names[c]}", c)
+    return root
+
+
+def test_variable_episodes_draw_ways_and_imbalanced_shots_within_their_bounds(tmp_path):
+    sizes = [6, 12, 30, 60, 90, 120]
+    _write_imbalanced(tmp_path, sizes)
+    bounds = VariableShape(max_ways=5, min_ways=2, max_shots=20, max_support=40, queries=5)
+    dm = EpisodicDataModule(domains=["skin"], root=str(tmp_path), test_domains=["skin"], **{**SMALL, "ways": 2})
+    dm.setup("test")
+    (fixed, variable) = dm.episode_sets("test", [1], count=200, variable=bounds)
+    assert variable.variable and not fixed.variable
+    ways, share = Counter(), {c: [] for c in range(len(sizes))}
+    for i in range(len(variable)):
+        task = variable[i]
+        n = len(task.classes)
+        ways[n] += 1
+        assert bounds.min_ways <= n <= bounds.max_ways
+        shots, queries = task.support_labels.bincount(minlength=n).tolist(), task.query_labels.bincount(minlength=n).tolist()
+        assert min(shots) >= 1 and sum(shots) <= bounds.max_support
+        classes = [c for c, _ in variable.draws[i]]
+        assert queries == [max(1, min(bounds.queries, min(sizes[c] for c in classes) // 2))] * n  # balanced queries
+        for c, k in zip(classes, shots):
+            assert k + queries[0] <= sizes[c]
+            share[c].append(k / sum(shots))
+    assert set(ways) == set(range(2, 6))  # every allowed way occurs
+    mean_share = [float(np.mean(share[c])) for c in range(len(sizes))]
+    assert mean_share[0] < mean_share[2] < mean_share[5]  # a class with more images gives more shots
+    again = EpisodicDataModule(domains=["skin"], root=str(tmp_path), test_domains=["skin"], **{**SMALL, "ways": 2})
+    again.setup("test")
+    assert again.episode_sets("test", [1], count=200, variable=bounds)[1].draws == variable.draws  # seeded

@@ -24,6 +24,7 @@ from metacontrastive.data.manifest import ROOT, DomainSplit, domain_split, read_
 from metacontrastive.data.shards import DROP_REASONS
 from metacontrastive.data.tasks import (
     DomainSampling, EvaluationPool, FixedEpisodes, Interleaved, MetaBatches, MetaBatchStream, Prompts, StreamOptions,
+    VariableEpisodes, VariableShape,
 )
 from metacontrastive.errors import BadInput
 
@@ -308,7 +309,7 @@ class EpisodicDataModule(L.LightningDataModule):
         return self._pools[key]
 
     def episode_sets(self, name: str, shots: list[int] | None = None, count: int | None = None,
-                     labelled_only: bool = False) -> list[FixedEpisodes]:
+                     labelled_only: bool = False, variable: VariableShape | None = None) -> list[FixedEpisodes]:
         """Fixed episodes of every domain of the ``val`` or ``test`` split, one set per domain and shots.
 
         Args:
@@ -316,13 +317,21 @@ class EpisodicDataModule(L.LightningDataModule):
             shots: support sizes (default: ``shots``), each its own seeded set.
             count: episodes per set (default: ``val_episodes`` or ``test_episodes``).
             labelled_only: leave out caption-only domains (few-shot classification needs labels).
+            variable: also a set of variable-way, variable-shot episodes per labelled domain, within these
+                bounds (``tasks.VariableEpisodes``, Meta-Dataset's sampler).
         """
         hp = self.hparams
         count = count if count is not None else (hp.val_episodes if name == "val" else hp.test_episodes)
-        return [FixedEpisodes(self.pool(split, name), dataclasses.replace(self.eval_shape_of(split), shots=k), count,
-                              hp.eval_seed, hp.prompts)
-                for split in self.split(name) if split.labelled or not labelled_only
-                for k in (shots or [self.eval_shape.shots])]
+        sets: list[FixedEpisodes] = []
+        for split in self.split(name):
+            if not split.labelled and labelled_only:
+                continue
+            pool = self.pool(split, name)
+            sets += [FixedEpisodes(pool, dataclasses.replace(self.eval_shape_of(split), shots=k), count, hp.eval_seed,
+                                   hp.prompts) for k in (shots or [self.eval_shape.shots])]
+            if variable is not None and split.labelled:
+                sets.append(VariableEpisodes(pool, variable, count, hp.eval_seed, hp.prompts))
+        return sets
 
     def fixed_episodes(self, name: str) -> Interleaved:
         """The fixed episodes of the ``val`` or ``test`` split, every domain's interleaved, built once."""

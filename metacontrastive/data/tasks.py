@@ -14,6 +14,7 @@ mixed-domain meta-batches of the validation and test loaders.
 """
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ __all__ = [
     "MetaBatchStream",
     "MetaBatches",
     "StreamOptions",
+    "VariableEpisodes",
+    "VariableShape",
     "domain_schedule",
 ]
 
@@ -292,11 +295,17 @@ class FixedEpisodes(Dataset):
         prompts: ``one`` (the first template) or ``all`` templates per class (see ``class_templates``).
     """
 
+    variable = False  # every episode has ``shape``'s ways and shots
+
     def __init__(self, pool: EvaluationPool, shape: EpisodeShape, count: int, seed: int, prompts: str = "one") -> None:
         self.pool, self.shape, self.split, self.prompts = pool, shape, pool.split, prompts
-        shape_key = (shape.ways, shape.shots, shape.queries, shape.support_size, shape.query_size)
-        rng = random.Random(mix_seed(seed, zlib.crc32(self.split.name.encode()), *shape_key))
+        rng = random.Random(mix_seed(seed, zlib.crc32(self.split.name.encode()), *self._shape_key()))
+        self.shots: list[list[int]] = []  # per episode, the support size of each of its classes
         self.draws: list[Draw] = [self._draw(rng) for _ in range(count)]
+
+    def _shape_key(self) -> tuple[int, ...]:
+        shape = self.shape
+        return shape.ways, shape.shots, shape.queries, shape.support_size, shape.query_size
 
     def _draw(self, rng: random.Random) -> Draw:
         split, records = self.split, self.pool.records
@@ -304,12 +313,14 @@ class FixedEpisodes(Dataset):
             size = self.shape.caption_size
             if len(records[-1]) < size:
                 raise ValueError(f"caption-only domain {split.name!r}: {len(records[-1])} decodable pairs, a task needs {size}")
+            self.shots.append([self.shape.support_size])
             return [(-1, rng.sample(range(len(records[-1])), size))]
         per_class, ways = self.shape.per_class, self.shape.ways
         eligible = self.pool.classes_with(per_class)
         if len(eligible) < ways:
             raise ValueError(f"domain {split.name!r}: {len(eligible)} classes have {per_class} decodable samples, "
                              f"{ways}-way episodes need {ways}")
+        self.shots.append([self.shape.shots] * ways)
         return [(c, rng.sample(range(len(records[c])), per_class)) for c in rng.sample(eligible, ways)]
 
     def distinct_images(self) -> int:
@@ -326,10 +337,83 @@ class FixedEpisodes(Dataset):
         if not split.labelled:
             return make_caption_task(split.name, split.domain_id, groups[0], self.shape.support_size, features_of)
         names = [split.classes[c] for c, _ in self.draws[i]]
-        return make_task(split.name, split.domain_id, names, groups, self.shape.shots, class_templates(split, self.prompts),
+        return make_task(split.name, split.domain_id, names, groups, self.shots[i], class_templates(split, self.prompts),
                          features_of)
 
 
+@dataclass(frozen=True)
+class VariableShape:
+    """Bounds of variable-way, variable-shot episodes (Meta-Dataset's sampler, Triantafillou et al. 2020, scaled
+    to small evaluation splits): ways uniform in [``min_ways``, ``max_ways``] (capped at the classes there are),
+    the same number of queries per class (at most ``queries``, and at most half the smallest class drawn),
+    a support budget and class-imbalanced supports in proportion to each class's size.
+
+    Attributes:
+        max_ways: most classes per episode (Meta-Dataset: 50).
+        min_ways: fewest classes per episode (Meta-Dataset: 5).
+        max_shots: most support images a class contributes to the budget (Meta-Dataset: 100).
+        max_support: the largest support set (Meta-Dataset: 500).
+        queries: most queries per class (Meta-Dataset: 10).
+    """
+
+    max_ways: int = 5
+    min_ways: int = 2
+    max_shots: int = 20
+    max_support: int = 100
+    queries: int = 10
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_ways <= self.max_ways or self.max_shots < 1 or self.queries < 1:
+            raise ValueError(f"variable episodes need 2 <= min_ways <= max_ways, max_shots >= 1 and queries >= 1; got {self}")
+        if self.max_support < self.max_ways:
+            raise ValueError(f"max_support={self.max_support} cannot give each of {self.max_ways} classes one shot")
+
+
+class VariableEpisodes(FixedEpisodes):
+    """Fixed, seeded variable-way variable-shot episodes of one domain (``VariableShape``): the Meta-Dataset
+    protocol, where real, imbalanced data gives imbalanced support sets. Per episode: N ~ U[min_ways, max_ways]
+    classes; q = min(queries, floor(|c|_min / 2)) queries per class; a support budget
+    |S| = min(max_support, sum_c ceil(b * min(max_shots, |c| - q))), b ~ U(0, 1]; and class c's shots
+    1 + floor(r_c * (|S| - N)), r_c proportional to exp(a_c) |c| with a_c ~ U[log 0.5, log 2], at most |c| - q.
+
+    Args:
+        pool: the domain's decoded evaluation split (labelled).
+        variable: the bounds.
+        count: episodes to draw.
+        seed: the evaluation seed (mixed with the domain name and the bounds).
+        prompts: as ``FixedEpisodes``.
+    """
+
+    variable = True
+
+    def __init__(self, pool: EvaluationPool, variable: VariableShape, count: int, seed: int, prompts: str = "one") -> None:
+        if not pool.split.labelled:
+            raise ValueError(f"domain {pool.split.name!r}: variable-way episodes need labelled data")
+        self.bounds = variable
+        ways = min(variable.max_ways, len(pool.classes_with(2)))
+        shape = EpisodeShape(max(ways, 2), 1, 1, 1, 1)  # the largest ways; shots and queries vary per episode
+        super().__init__(pool, shape, count, seed, prompts)
+
+    def _shape_key(self) -> tuple[int, ...]:
+        b = self.bounds
+        return 1 << 30, b.max_ways, b.min_ways, b.max_shots, b.max_support, b.queries  # 1 << 30: never a fixed shape's ways
+
+    def _draw(self, rng: random.Random) -> Draw:
+        b, records = self.bounds, self.pool.records
+        eligible = self.pool.classes_with(2)  # a class needs a support and a query image
+        if len(eligible) < b.min_ways:
+            raise ValueError(f"domain {self.split.name!r}: {len(eligible)} classes have 2 decodable samples, variable "
+                             f"episodes need at least min_ways={b.min_ways}")
+        ways = rng.randint(b.min_ways, min(b.max_ways, len(eligible)))
+        classes = rng.sample(eligible, ways)
+        sizes = [len(records[c]) for c in classes]
+        queries = max(1, min(b.queries, min(sizes) // 2))
+        beta = 1.0 - rng.random()  # (0, 1]
+        budget = min(b.max_support, sum(math.ceil(beta * min(b.max_shots, n - queries)) for n in sizes))
+        weights = [math.exp(rng.uniform(math.log(0.5), math.log(2.0))) * n for n in sizes]
+        shots = [min(n - queries, 1 + int(w / sum(weights) * (budget - ways))) for w, n in zip(weights, sizes)]
+        self.shots.append(shots)
+        return [(c, rng.sample(range(n), k + queries)) for c, n, k in zip(classes, sizes, shots)]
 class Interleaved(Dataset):
     """Several domains' episode lists interleaved: episode ``i`` comes from list ``i % len(lists)`` while
     every list has one left, so consecutive episodes mix domains."""
