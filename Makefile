@@ -61,8 +61,11 @@ LAUNCH := $(if $(GPUS),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) --nnodes=$(
   --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT),$(PY))
 DDP    := $(if $(GPUS),-c conf/ddp.yaml --trainer.devices=$(GPUS) --trainer.num_nodes=$(NODES))
 
-train: install $(MANIFESTS) ## Train DCMCL on DOMAINS with CONFIG; GPUS=N [NODES=M] for DDP; RESUME=1 goes on with the newest (or RUN=name) run; ARGS=... overrides
-	$(LAUNCH) -m metacontrastive fit -c $(CONFIG) $(DDP) --data.domains=[$(DOMAINS)] --data.root=$(SHARDS) \
+# CONFIG is a preset stacked on conf/default.yaml (the run: trainer, logger, callbacks), e.g. conf/pretrained.yaml
+PRESETS := -c conf/default.yaml $(if $(filter-out conf/default.yaml,$(CONFIG)),-c $(CONFIG))
+
+train: install $(MANIFESTS) ## Train DCMCL on DOMAINS with CONFIG (a preset on conf/default.yaml); GPUS=N [NODES=M] for DDP; RESUME=1 goes on with the newest (or RUN=name) run; ARGS=... overrides
+	$(LAUNCH) -m metacontrastive fit $(PRESETS) $(DDP) --data.domains=[$(DOMAINS)] --data.root=$(SHARDS) \
 	  $(if $(RUN),--run $(RUN)) $(if $(RESUME),--ckpt_path last) $(ARGS)
 
 eval: install ## Few-shot table of CKPT (default: the newest last.ckpt), every method; ARGS="--episodes 100 ..." overrides

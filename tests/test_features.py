@@ -192,3 +192,28 @@ def test_images_are_decoded_at_the_towers_input_size_unless_told_otherwise(shard
     with caplog.at_level("WARNING"):
         told.attach(module.model.frozen_image_tower(), progress=False)
     assert told.image_size == 8 and "data.image_size=8, but the image tower runs at 12 px" in caplog.text
+
+
+def test_a_checkpoint_names_its_frozen_pretrained_tower_and_reloads_it_from_the_package(tmp_path):
+    """A frozen pretrained tower is not stored: the checkpoint holds its weights digest, loading rebuilds it from its
+    name, and a tower with other weights is refused."""
+    encoder = EncoderConfig(image_tower="efficientnet-lite0", freeze_image=True, image_size=32)
+    module = MetaContrastiveModule(domains=DOMAINS, encoder=encoder)
+    with torch.no_grad():
+        module.model.head_image.net[0].weight.add_(1.0)  # a trained part, to see it come back
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": "2.5.0"}
+    module.on_save_checkpoint(checkpoint)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("model.image_tower.")]
+    assert [k for k in checkpoint["state_dict"] if k.startswith("model.text_tower.")]  # the tiny text tower trains
+    assert checkpoint["frozen_towers"] == {"image_tower": module.model.digest("image_tower")}
+    path = tmp_path / "slim.ckpt"
+    torch.save(checkpoint, path)
+    full = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    assert path.stat().st_size < 0.5 * full  # lite0's 4.6M parameters are most of it
+    loaded = MetaContrastiveModule.load_from_checkpoint(path)
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.save({**checkpoint, "frozen_towers": {"image_tower": "0" * 64}}, path)
+    with pytest.raises(BadInput, match="install the weights it was trained with"):
+        MetaContrastiveModule.load_from_checkpoint(path)

@@ -204,7 +204,7 @@ def test_efficientnet_lite_file_maps_in_order_exactly(lite_file):
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # (B, 3, H, W) in [0, 1]
     with torch.no_grad():
         expected = reference.forward_head(reference.forward_features(images * 2 - 1), pre_logits=True)  # (B, 1280)
-        torch.testing.assert_close(tower(images), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(tower(images), expected, rtol=0, atol=1e-4)  # channels-last sums in another order
         torch.testing.assert_close(classifier(images * 2 - 1), reference(images * 2 - 1), rtol=0, atol=1e-6)
 
 

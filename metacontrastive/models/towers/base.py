@@ -33,6 +33,8 @@ class Tower(nn.Module):
 
     out_dim: int
     frozen: bool = False
+    pretrained: bool = False  # its weights come from its name (a package, a folder, a file), set by the factory: a
+    # checkpoint of a frozen pretrained tower stores its weights digest instead of its weights
     supports_grad_checkpointing: bool = False  # timm and transformers towers: their libraries checkpoint by block
 
     def freeze(self) -> Tower:

@@ -112,10 +112,13 @@ def _image_tower(
         tower = ResNet12(image_size=image_size)
     elif kind in _LITE and arg in ("", "random"):
         tower = efficientnet_lite_tower(_LITE[kind], image_size, random_init=arg == "random")
+        tower.pretrained = arg != "random"
     elif kind == "timm" and arg:
         tower = timm_image_tower(arg, pretrained, image_size)
+        tower.pretrained = pretrained is not None
     elif kind == "hf-clip" and arg:
         tower = clip_image_tower(_clip(arg, loaded), arg, image_size)
+        tower.pretrained = True
     elif kind == "hf-clip":
         raise ValueError(_CLIP_FOLDER.format(which="image"))
     else:
@@ -130,10 +133,13 @@ def _text_tower(name: str, freeze: bool, loaded: dict[str, nn.Module]) -> Tower:
         tower = TinyTextTower()
     elif kind == "minilm" and not arg:
         tower = hf_text_tower(minilm_path())
+        tower.pretrained = True
     elif kind == "hf" and arg:
         tower = hf_text_tower(arg)
+        tower.pretrained = True
     elif kind == "hf-clip" and arg:
         tower = clip_text_tower(_clip(arg, loaded), arg)
+        tower.pretrained = True
     elif kind == "hf-clip":
         raise ValueError(_CLIP_FOLDER.format(which="text"))
     else:

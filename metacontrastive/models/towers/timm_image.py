@@ -45,7 +45,8 @@ class TimmImageTower(Tower):
         interpolation: str = "bicubic",
     ) -> None:
         super().__init__()
-        self.model = model
+        # channels-last activations: about 1.5x faster convolutions on a CPU (oneDNN), and what GPU kernels prefer
+        self.model = model.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.input_size = tuple(input_size)
@@ -61,7 +62,7 @@ class TimmImageTower(Tower):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = resize(images, self.input_size, self.interpolation)  # (B, 3, S, S)
-        return self.model((x - self.mean) / self.std)  # (B, out_dim)
+        return self.model(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))  # (B, out_dim)
 
 
 def timm_image_tower(model_name: str, pretrained: str | None = None, image_size: int | None = None) -> TimmImageTower:
