@@ -41,7 +41,12 @@ def probe_embeddings(pl_module: L.LightningModule, datamodule, probe_size: int, 
         images = torch.stack([r.image for r in records]).float().div(255.0)  # (n, 3, H, W)
         labels = torch.tensor([r.label for r in records])
         with torch.no_grad():
-            z = pl_module.model.encode_image(images.to(device), pl_module.domain_row(s.name))  # (n, D)
+            model, row = pl_module.model, pl_module.domain_row(s.name)
+            if records[0].features is not None:  # the pool carries the frozen tower's cached features
+                h = torch.stack([r.features for r in records]).to(device)  # (n, F_I)
+                z = model.embed_image(model.image_features(None, cached=(h, datamodule.spec.tower)), row)  # (n, D)
+            else:
+                z = model.encode_image(images.to(device), row)  # (n, D)
         out[s.name] = {"z": z.cpu(), "labels": labels, "images": images, "classes": [s.classes[i] for i in labels]}
     return out
 

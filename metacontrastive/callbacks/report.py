@@ -1,7 +1,8 @@
 """RunReport: what a run shows besides its curves.
 
 - At the first training step, a grid of one episode's support and query images (TensorBoard
-  ``episode/support`` and ``episode/query``, one row per class), so that a wrong decode or split shows.
+  ``episode/support`` and ``episode/query``, one row per class), so that a wrong decode or split shows
+  (a validation episode's when training streams cached tower features instead of images).
 - At the end of ``fit``: the hyperparameters with the final validation metrics (TensorBoard's HPARAMS
   tab; set the logger's ``default_hp_metric: false`` so that only this entry is written), and a printed
   summary: the run folder, the best checkpoint, the final validation accuracy per domain and the next
@@ -32,6 +33,11 @@ class RunReport(Callback):
         if trainer.global_step != 0 or batch_idx != 0 or logger is None or not trainer.is_global_zero:
             return
         task = next((t for t in batch if t.labelled), batch[0])
+        if task.support_images is None:  # training streams cached features: show a validation episode's images
+            datamodule = getattr(trainer, "datamodule", None)
+            task = next((t for t in getattr(datamodule, "fixed_episodes", lambda _: [])("val") if t.labelled), None)
+            if task is None or task.support_images is None:
+                return
         for name, images, labels in (("support", task.support_images, task.support_labels),
                                      ("query", task.query_images, task.query_labels)):
             order = torch.argsort(labels.cpu(), stable=True)  # one row per class

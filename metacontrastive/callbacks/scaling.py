@@ -62,7 +62,7 @@ class ScalingCallback(Callback):
         if self._wait is None:  # the first step of a fit or after validation: no clean wait to measure
             return
         step = {"steps": 1, "wait": self._wait, "compute": now - self._start, "tasks": len(batch),
-                "samples": sum(len(t.support_images) + len(t.query_images) for t in batch)}
+                "samples": sum(t.size for t in batch)}
         for key, value in step.items():
             self._window[key] += value
             if trainer.global_step > self.warmup_steps:
