@@ -3,7 +3,8 @@
 (``python -m metacontrastive prepare ...``, the shard converters, is dispatched in ``__main__.py``.)
 
 The model's ``domains`` are linked to the data module's, so a run names its domains once:
-``--data.domains=[natural,medical]``.
+``--data.domains=[natural,medical]``. The checkpoint a command names is checked before anything is built
+(``metacontrastive.runs.check_checkpoint``).
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.manifest import ROOT
+from metacontrastive.errors import BadInput
 from metacontrastive.evaluation import METHODS, EvalOptions, evaluate
 from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import log_to_tensorboard, markdown_table, write_results
-from metacontrastive.runs import resolve_run, run_folder
+from metacontrastive.runs import check_checkpoint, check_ckpt_path, resolve_run, run_folder
 
 __all__ = ["MetaCLI", "available_cores", "evaluate_main", "intra_op_threads", "main"]
 
@@ -61,6 +63,13 @@ class MetaCLI(LightningCLI):
         parser.add_argument("--threads", type=Optional[int], default=None,
                             help="torch intra-op threads (default: the available cores per local rank less the loader "
                                  "workers, at least 1; OMP_NUM_THREADS, when set, is kept)")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a --ckpt_path file here, for the model's hyperparameters: a bad one is one line
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
@@ -126,13 +135,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv: list[str] | None = None) -> list:
     """``python -m metacontrastive evaluate``: the few-shot table of a checkpoint, written beside it."""
     args = _evaluate_parser().parse_args(argv)
-    ckpt = Path(args.ckpt)
-    if not ckpt.is_file():
-        raise SystemExit(f"evaluate: no checkpoint at {ckpt}; train one with `make train` (runs are in logs/<name>/version_N/checkpoints/)")
     methods = list(METHODS) if args.methods == ["all"] else args.methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"evaluate: unknown methods {unknown}; choose from {list(METHODS)} or all")
+        raise BadInput(f"evaluate: unknown methods {unknown}; choose from {list(METHODS)} or all")
+    ckpt = check_checkpoint(args.ckpt)  # before the model and the data are built
     run = run_folder(ckpt)
     config_file = run / "config.yaml"
     data = (yaml.safe_load(config_file.read_text()) or {}).get("data", {}) if config_file.exists() else {}
@@ -155,7 +162,8 @@ def evaluate_main(argv: list[str] | None = None) -> list:
         print(f"evaluate: skipping caption-only domains {skipped} (few-shot classification needs labels)")
     sets = datamodule.episode_sets("test", shots, args.episodes, labelled_only=True)
     if not sets:
-        raise SystemExit("evaluate: no labelled test domain to evaluate")
+        raise BadInput(f"evaluate: no labelled test domain among {domains}; pass --domains with one that has "
+                       f"class labels")
     options = EvalOptions(inner_steps=args.inner_steps)
     start = time.perf_counter()
     results = evaluate(module, sets, methods, options, holdout=args.holdout_domain, chunk=args.chunk)

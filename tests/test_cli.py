@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from metacontrastive.cli import evaluate_main, main
+from metacontrastive.errors import BadInput
 from metacontrastive.reporting import FILES
 
 PYTHON_M = [sys.executable, "-m", "metacontrastive"]
@@ -113,7 +114,7 @@ def test_evaluate_writes_the_table_files_beside_the_checkpoint(fitted):
 
 
 def test_evaluate_without_a_checkpoint_says_how_to_get_one(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint at .*make train"):
+    with pytest.raises(BadInput, match="no checkpoint at .*make train"):
         evaluate_main(["--ckpt", str(tmp_path / "missing.ckpt")])
 
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import Namespace
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metacontrastive.cli import main
+from metacontrastive.errors import BadInput
+from metacontrastive.runs import UNTRAINED, check_ckpt_path, resolve_run
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -104,25 +107,33 @@ def test_the_same_seed_gives_the_same_first_ten_losses(fit_args_in, tmp_path):
 
 
 def test_resume_without_a_run_to_resume_says_how_to_start_one(fit_args):
-    with pytest.raises(SystemExit, match="--ckpt_path last: no checkpoints/last.ckpt under .*start the run first"):
+    with pytest.raises(BadInput, match="--ckpt_path last: no checkpoints/last.ckpt under .*start the run first"):
         main([*fit_args, "--ckpt_path", "last"])
 
 
 def test_a_new_run_into_a_folder_with_checkpoints_is_refused(fit_args, tmp_path):
     (tmp_path / "dcmcl" / "mine" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"already holds checkpoints: resume it with --ckpt_path last"):
+    with pytest.raises(BadInput, match=r"already holds checkpoints: resume it with --ckpt_path last"):
         main([*fit_args, "--run", "mine"])
 
 
 def test_test_without_a_checkpoint_is_refused(fit_args):
-    with pytest.raises(SystemExit, match="test scores a trained model: pass --ckpt_path"):
+    with pytest.raises(BadInput, match="test scores a trained model: pass --ckpt_path"):
         main(["test", *fit_args[1:]])
+
+
+def test_untrained_scores_a_fresh_model_and_names_no_file_to_check():
+    config = Namespace(ckpt_path=UNTRAINED, run=None, trainer=Namespace(logger=None))
+    check_ckpt_path(config.ckpt_path)  # neither it nor "last" is read as a file
+    check_ckpt_path("last")
+    resolve_run(config, "test")
+    assert config.ckpt_path is None
 
 
 def test_an_unwritable_log_folder_is_one_line(fit_args, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    with pytest.raises(SystemExit, match=r"cannot write logs to .*file.*--trainer.logger.init_args.save_dir"):
+    with pytest.raises(BadInput, match=r"cannot write logs to .*file.*--trainer.logger.init_args.save_dir"):
         main([*fit_args, f"--trainer.logger.init_args.save_dir={blocked / 'logs'}"])
 
 
