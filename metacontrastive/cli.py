@@ -4,7 +4,8 @@
 
 The model's ``domains`` are linked to the data module's, so a run names its domains once:
 ``--data.domains=[natural,medical]``. The checkpoint a command names is checked before anything is built
-(``metacontrastive.runs.check_checkpoint``).
+(``metacontrastive.runs.check_checkpoint``), and the output holds the project's own warnings, not the two
+of Lightning's that it cannot act on (``quiet_library_warnings``).
 """
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import argparse
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
+import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
+from metacontrastive.callbacks.progress import StepProgressBar
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.manifest import ROOT
 from metacontrastive.errors import BadInput
@@ -27,7 +33,22 @@ from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import log_to_tensorboard, markdown_table, write_results
 from metacontrastive.runs import check_checkpoint, check_ckpt_path, resolve_run, run_folder
 
-__all__ = ["MetaCLI", "available_cores", "evaluate_main", "intra_op_threads", "main"]
+__all__ = ["MetaCLI", "available_cores", "evaluate_main", "intra_op_threads", "main", "quiet_library_warnings"]
+
+
+def quiet_library_warnings() -> None:
+    """Ignore the warnings of Lightning that this project cannot act on, by their message, and nothing else:
+
+    - Lightning 2.6's ``utilities/_pytree.py`` builds torch's ``LeafSpec``, which torch 2.14 deprecates
+      (a FutureWarning on every fit; Lightning's to change, not ours).
+    - Lightning warns of any ``IterableDataset`` with a ``__len__`` that its length may be wrong with loader
+      workers. ``MetaBatchStream`` (``data/tasks.py``) splits its batches among the workers, so its length is
+      exact, and the progress bar and ``max_steps`` epochs need it.
+    """
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined",
+                            module=r"lightning\.pytorch\.")
 
 
 def available_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -80,9 +101,19 @@ class MetaCLI(LightningCLI):
                 torch.set_num_threads(intra_op_threads(config.get("threads"), workers,
                                                        int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        # Lightning's default bar (Rich, when installed) reads a run bounded by max_steps as "Epoch 2/-2"
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if (_RICH_AVAILABLE and config.get("enable_progress_bar") is not False
+                and not any(isinstance(c, ProgressBar) for c in [*given, *callbacks])):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def main(args: list[str] | None = None) -> MetaCLI:
     """Run LightningCLI on ``args`` (default: the command line)."""
+    quiet_library_warnings()
     return MetaCLI(
         MetaContrastiveModule,
         EpisodicDataModule,
@@ -135,6 +166,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv: list[str] | None = None) -> list:
     """``python -m metacontrastive evaluate``: the few-shot table of a checkpoint, written beside it."""
     args = _evaluate_parser().parse_args(argv)
+    quiet_library_warnings()
     methods = list(METHODS) if args.methods == ["all"] else args.methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -1,6 +1,6 @@
-"""Checkpoints: never a model with non-finite weights among the best or as last.ckpt; a checkpoint the user
-names that is missing, truncated, corrupt or not this project's is one line (``BadInput``) that names it and
-another one, before anything is built."""
+"""Checkpoints: never a model with non-finite weights among the best or as last.ckpt; last.ckpt keeps the
+whole state; a checkpoint the user names that is missing, truncated, corrupt or not this project's is one
+line (``BadInput``) that names it and another one, before anything is built."""
 import re
 import shutil
 import subprocess
@@ -21,13 +21,14 @@ class _Saving:
     """The parts of a Trainer that the callbacks read, recording the checkpoints they save."""
 
     def __init__(self, module, folder):
-        self.lightning_module, self.global_step, self.saved = module, 6, []
+        self.lightning_module, self.global_step, self.saved, self.weights_only = module, 6, [], []
         self.state = SimpleNamespace(stage="train")
         self.sanity_checking, self.checkpoint_callback, self.is_global_zero = False, None, True
         self.log_dir, self.default_root_dir = str(folder), str(folder)
 
-    def save_checkpoint(self, path):
+    def save_checkpoint(self, path, weights_only=None):
         self.saved.append(path)
+        self.weights_only.append(weights_only)
 
 
 def test_a_model_with_non_finite_weights_is_never_best(tmp_path):
@@ -51,6 +52,7 @@ def test_last_checkpoint_is_written_on_schedule_and_interruption_never_with_non_
     callback.on_train_batch_end(trainer, module, None, None, 0)  # not due
     callback.on_exception(trainer, module, KeyboardInterrupt())
     assert trainer.saved == [tmp_path / "checkpoints" / "last.ckpt"] * 2
+    assert trainer.weights_only == [False] * 2  # the optimiser and loops too, which a resume needs
     with torch.no_grad():
         module.bias[0] = float("nan")
     callback.on_exception(trainer, module, KeyboardInterrupt())

@@ -93,7 +93,7 @@ class ResumeCheckpoint(Callback):
             rank_zero_warn(f"step {trainer.global_step}: the model's weights are not finite; last.ckpt keeps the previous state")
             return None
         path = self.folder(trainer) / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # all a resume needs; unsaid, Lightning logs its default each time
         self._saved_at = time.monotonic()
         return path
 
