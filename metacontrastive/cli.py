@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from metacontrastive.callbacks.progress import StepProgressBar
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.manifest import ROOT
+from metacontrastive.data.tasks import VariableShape
 from metacontrastive.errors import BadInput
 from metacontrastive.evaluation import METHODS, EvalOptions, evaluate
 from metacontrastive.module import MetaContrastiveModule
@@ -160,6 +161,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the results (default: the run folder)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--chunk", type=int, default=50, help="episodes scored together (memory vs speed)")
+    p.add_argument("--variable", action="store_true",
+                   help="also variable-way, variable-shot episodes per domain (Meta-Dataset's sampler: 2 to --ways "
+                        "classes, imbalanced supports of up to 20 per class and 100 in all, up to --queries per class)")
+    p.add_argument("--feature-cache", choices=("auto", "on", "off"), default=None,
+                   help="the frozen image tower's feature cache (default: the run's data.feature_cache)")
     return p
 
 
@@ -185,14 +191,18 @@ def evaluate_main(argv: list[str] | None = None) -> list:
     datamodule = EpisodicDataModule(
         domains=module.domains, root=args.root or data.get("root", ROOT), urls=data.get("urls"),
         test_domains=domains, ways=args.ways, shots=max(shots), queries=queries,
-        image_size=data.get("image_size", 32), reservoir=max(shots) + queries, eval_pool=data.get("eval_pool"),
+        image_size=data.get("image_size"), reservoir=max(shots) + queries, eval_pool=data.get("eval_pool"),
         eval_seed=args.seed if args.seed is not None else data.get("eval_seed", 0),
         strict_decode=data.get("strict_decode", False), prompts=data.get("prompts", "one"),
+        feature_cache=args.feature_cache or data.get("feature_cache", "auto"), feature_dir=data.get("feature_dir"),
     )
     skipped = [split.name for split in datamodule.split("test") if not split.labelled]
     if skipped:
         print(f"evaluate: skipping caption-only domains {skipped} (few-shot classification needs labels)")
-    sets = datamodule.episode_sets("test", shots, args.episodes, labelled_only=True)
+    # the image size of the tower, and its cached features (built here for test splits the run never cached)
+    datamodule.attach(module.model.frozen_image_tower(module.towers_adapt), device)
+    variable = VariableShape(max_ways=max(args.ways, 2), queries=queries) if args.variable else None
+    sets = datamodule.episode_sets("test", shots, args.episodes, labelled_only=True, variable=variable)
     if not sets:
         raise BadInput(f"evaluate: no labelled test domain among {domains}; pass --domains with one that has "
                        f"class labels")
@@ -202,7 +212,8 @@ def evaluate_main(argv: list[str] | None = None) -> list:
     seconds = time.perf_counter() - start
     out = Path(args.out) if args.out else run
     settings = {"checkpoint": str(ckpt), "domains": domains, "holdout": args.holdout_domain, "ways": args.ways,
-                "shots": shots, "queries": queries, "episodes": args.episodes, "methods": methods,
+                "shots": shots, "variable": dataclasses.asdict(variable) if variable else None, "queries": queries,
+                "episodes": args.episodes, "methods": methods, "feature_cache": datamodule.hparams.feature_cache,
                 "eval_seed": datamodule.hparams.eval_seed, "root": datamodule.hparams.root, "device": str(device),
                 "dcmcl_inner_steps": module.eval_steps if args.inner_steps is None else args.inner_steps,
                 "options": dataclasses.asdict(options)}
