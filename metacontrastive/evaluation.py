@@ -3,27 +3,37 @@
 One implementation serves the ``FewShotEvalCallback``, ``python -m metacontrastive evaluate``, the
 notebooks and the benchmarks. A method maps one labelled episode to a predicted class per query:
 
-=============== ============================================================== =================
-method          what it does                                                    reads
-=============== ============================================================== =================
-``pixels``      nearest class mean of the raw pixels (squared Euclidean): the   images only
-                floor every learned method must clear on real images
-``zero_shot``   nearest class prompt, no adaptation                             z_I, z_T
-``prototype``   nearest class mean of the support embeddings (cosine)           z_I
-``linear_probe`` multinomial logistic regression on the support embeddings,     z_I
-                L-BFGS from zero (scikit-learn's objective, C = ``probe_c``)
-``tip_adapter`` training-free cache of the support embeddings mixed with the    z_I, z_T
-                zero-shot logits (Zhang et al., 2022)
-``projection``  the second seed paper: fresh Linear-GELU-Linear heads on the     h_I, h_T
-                frozen tower features, trained contrastively on the support set
-``finetune``    FiLM + heads (the adapted scope) fine-tuned on the support set   the model
-                with Adam (the BSCD-FSL baseline)
-``dcmcl``       k inner steps from the meta-learned initialisation               the model
-=============== ============================================================== =================
+==================== =============================================================== ===========
+method               what it does                                                    reads
+==================== =============================================================== ===========
+``pixels``           nearest class mean of the raw pixels (squared Euclidean): the   images only
+                     floor every learned method must clear on real images
+``feature_centroid`` nearest class mean of the tower features (cosine), centred      h_I
+                     and L2-normalised: SimpleShot's CL2N (Wang et al., 2019)
+``feature_probe``    multinomial logistic regression on the same centred,            h_I
+                     normalised tower features (C = ``feature_probe_c``)
+``zero_shot``        nearest class prompt, no adaptation                             z_I, z_T
+``prototype``        nearest class mean of the support embeddings (cosine)           z_I
+``linear_probe``     multinomial logistic regression on the support embeddings,      z_I
+                     L-BFGS from zero (scikit-learn's objective, C = ``probe_c``)
+``tip_adapter``      training-free cache of the support embeddings mixed with the    z_I, z_T
+                     zero-shot logits (Zhang et al., 2022)
+``projection``       the second seed paper: fresh Linear-GELU-Linear heads on the    h_I, h_T
+                     frozen tower features, trained contrastively on the support set
+``finetune``         FiLM + heads (the adapted scope) fine-tuned on the support set  the model
+                     with Adam (the BSCD-FSL baseline)
+``dcmcl``            k inner steps from the meta-learned initialisation              the model
+==================== =============================================================== ===========
 
 h_I, h_T are the tower features, z_I, z_T the model's domain-conditioned, projected and normalised
 embeddings before any adaptation. A domain the model was not trained on (or one named in ``holdout``)
 is conditioned on the ``unknown`` row of the domain table.
+
+``feature_centroid`` and ``feature_probe`` are the training-free bar of a pretrained tower alone. SimpleShot
+centres with the mean feature of the base (training) classes; an evaluation domain may have no base data (a
+held-out domain), so here each episode is centred with the mean of its own support features: inductive, the
+queries are never used. Queries go to the class mean by cosine (SimpleShot measures the Euclidean distance to the
+unnormalised means).
 
 Evaluation never trains the model and never keeps a second-order graph: ``dcmcl`` adapts first order
 (the adapted weights are the same), the other trained methods work on copies.
@@ -66,7 +76,10 @@ class EvalOptions:
         projection_temperature: the fixed temperature of ``projection``'s contrastive loss (CLIP's 0.07).
         projection_hidden: hidden width of ``projection``'s heads.
         probe_c: inverse L2 strength of ``linear_probe`` (scikit-learn's ``C``).
-        probe_iters: its L-BFGS iterations.
+        feature_probe_c: the same for ``feature_probe``, on centred, unit-norm tower features: 1, scikit-learn's
+            default, which Tian et al. (2020, "Rethinking few-shot image classification") use on normalised
+            features; not tuned yet (to be chosen on validation classes, never on test episodes).
+        probe_iters: L-BFGS iterations of ``linear_probe`` and ``feature_probe``.
         tip_alpha: Tip-Adapter's residual ratio alpha (the paper's default, 1).
         tip_beta: Tip-Adapter's sharpness beta (the paper's default, 5.5).
         seed: seeds the fresh heads of ``projection`` (per episode, so results do not depend on order).
@@ -80,6 +93,7 @@ class EvalOptions:
     projection_temperature: float = 0.07
     projection_hidden: int = 256
     probe_c: float = 1.0
+    feature_probe_c: float = 1.0
     probe_iters: int = 100
     tip_alpha: float = 1.0
     tip_beta: float = 5.5
@@ -147,6 +161,28 @@ def _pixels(ep: Episode, opts: EvalOptions) -> torch.Tensor:
     support, query = ep.split(images.flatten(1))  # (S, 3HW), (Q, 3HW)
     prototypes = class_means(support, ep.support_labels, ep.ways)
     return torch.cdist(query, prototypes).argmin(dim=1)
+
+
+def _centred(ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support (S, F_I) and query (Q, F_I) tower features centred on the support mean and L2-normalised (CL2N)."""
+    support, query = ep.split(ep.h_image)
+    mean = support.mean(dim=0)  # (F_I,) the support set's own mean (no base classes here); the queries are unused
+    return F.normalize(support - mean, dim=-1), F.normalize(query - mean, dim=-1)
+
+
+def _feature_centroid(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+    support, query = _centred(ep)
+    prototypes = F.normalize(class_means(support, ep.support_labels, ep.ways), dim=-1)  # (N, F_I)
+    return (query @ prototypes.t()).argmax(dim=1)
+
+
+def _feature_probe(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+    # the centroid's features: unit norm, so that one C is the same regularisation whatever the scale of the tower's
+    # or the domain's features; centred first, so that the directions normalised are those that separate the
+    # episode's classes, not the one that all non-negative pooled features share (centring alone would only move
+    # the unpenalised bias)
+    support, query = _centred(ep)
+    return logistic_regression(support, ep.support_labels, ep.ways, opts.feature_probe_c, opts.probe_iters)(query).argmax(dim=1)
 
 
 def _zero_shot(ep: Episode, opts: EvalOptions) -> torch.Tensor:
@@ -316,6 +352,8 @@ def _each(method: Callable[[Episode, EvalOptions], torch.Tensor]) -> Method:
 
 METHODS: dict[str, Method] = {
     "pixels": _each(_pixels),
+    "feature_centroid": _each(_feature_centroid),
+    "feature_probe": _each(_feature_probe),
     "zero_shot": _each(_zero_shot),
     "prototype": _each(_prototype),
     "linear_probe": _each(_linear_probe),

@@ -1,8 +1,9 @@
-"""The few-shot protocol: each method on hand-made episodes whose answer is known, the linear probe against
-scikit-learn, identical episodes for every method, the CI formula, held-out domains and the copies that
-evaluation trains."""
+"""The few-shot protocol: each method on hand-made episodes whose answer is known, the linear probe and the
+tower-feature baselines against scikit-learn and numpy, identical episodes for every method, the CI formula,
+held-out domains and the copies that evaluation trains."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from metacontrastive import evaluation
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.episodes import Task
 from metacontrastive.evaluation import METHODS, Episode, EvalOptions, evaluate, logistic_regression, predict
-from metacontrastive.meta import TaskView, adapt_and_score
+from metacontrastive.meta import TaskView, adapt_and_score, class_means
 from metacontrastive.models.clip import EncoderConfig
 from metacontrastive.module import MetaContrastiveModule
 
@@ -49,7 +50,8 @@ def _accuracy(method, episodes, opts=EvalOptions()):
     return (predictions == targets).float().mean().item()
 
 
-@pytest.mark.parametrize("method", ["pixels", "zero_shot", "prototype", "linear_probe", "tip_adapter", "projection"])
+@pytest.mark.parametrize("method", ["pixels", "feature_centroid", "feature_probe", "zero_shot", "prototype", "linear_probe",
+                                    "tip_adapter", "projection"])
 def test_methods_are_exact_on_well_separated_clusters(method):
     assert _accuracy(method, [_separated(seed=0), _separated(seed=1)]) == 1.0
 
@@ -69,6 +71,79 @@ def test_linear_probe_matches_scikit_learn():
     logits = logistic_regression(x, y, 4, c=1.0, iters=200)(x)
     reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit(x.numpy(), y.numpy())
     assert torch.allclose(logits.softmax(dim=1), torch.from_numpy(reference.predict_proba(x.numpy())), atol=1e-4)
+
+
+def _on_features(h_image, ways, shots, queries, seed=0):
+    """An episode whose tower features are ``h_image`` (support then query, class by class); other fields unused."""
+    episode = _separated(ways, shots, queries, seed=seed)
+    episode.h_image = h_image
+    return episode
+
+
+def _numpy_cl2n_centroid(support, labels, query):
+    """SimpleShot's CL2N nearest centroid, by cosine, centred on the support mean: the reference implementation."""
+    support, query = np.asarray(support, dtype=np.float64), np.asarray(query, dtype=np.float64)
+    mean = support.mean(axis=0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    s, q = unit(support - mean), unit(query - mean)
+    centroids = unit(np.stack([s[labels == c].mean(axis=0) for c in np.unique(labels)]))
+    return (q @ centroids.T).argmax(axis=1)
+
+
+def test_feature_centroid_picks_what_a_numpy_cl2n_picks():
+    g = torch.Generator().manual_seed(0)
+    for seed in range(5):
+        ways, shots, queries = 5, 3, 6
+        labels = torch.cat([torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat_interleave(queries)])
+        means = torch.randn(ways, 32, generator=g).relu() + 1.0  # all-positive, like pooled features
+        h = means[labels] + 0.8 * torch.randn(len(labels), 32, generator=g)  # overlapping classes: some answers wrong
+        episode = _on_features(h, ways, shots, queries, seed)
+        support, query = episode.split(h)
+        expected = _numpy_cl2n_centroid(support.numpy(), episode.support_labels.numpy(), query.numpy())
+        assert predict("feature_centroid", [episode])[0].tolist() == expected.tolist()
+
+
+def test_feature_centroid_centres_on_the_support_mean():
+    # class 0 near (1, 0), class 1 near (3, 0.3): a class-0 query at (1.2, 0.25) points (from the origin) closer to
+    # class 1's direction, but from the support mean (2, 0.15) it lies on class 0's side
+    support = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.3], [3.0, 0.3]])
+    query = torch.tensor([[1.2, 0.25], [1.2, 0.25], [3.1, 0.3], [3.1, 0.3]])
+    episode = _on_features(torch.cat([support, query]), ways=2, shots=2, queries=2)
+    uncentred = F.normalize(class_means(F.normalize(support, dim=-1), episode.support_labels, 2), dim=-1)
+    assert (F.normalize(query, dim=-1) @ uncentred.t()).argmax(dim=1).tolist() == [1, 1, 1, 1]  # wrong without centring
+    assert predict("feature_centroid", [episode])[0].tolist() == [0, 0, 1, 1]
+    far = query.clone()
+    far[0] = torch.tensor([-50.0, 40.0])
+    moved = _on_features(torch.cat([support, far]), ways=2, shots=2, queries=2)
+    assert predict("feature_centroid", [moved])[0].tolist()[1:] == [0, 1, 1]  # inductive: a query never moves the centre
+
+
+def test_feature_probe_is_scikit_learn_on_the_centred_normalised_features():
+    g = torch.Generator().manual_seed(1)
+    ways, shots, queries = 4, 5, 5
+    labels = torch.cat([torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat_interleave(queries)])
+    h = (torch.randn(ways, 24, generator=g).relu() + 1.0)[labels] + 0.7 * torch.randn(len(labels), 24, generator=g)
+    episode = _on_features(h.double(), ways, shots, queries)
+    opts = EvalOptions(feature_probe_c=3.0, probe_iters=500)
+    support, query = episode.split(h.double().numpy())
+    mean = support.mean(axis=0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    reference = LogisticRegression(C=3.0, tol=1e-10, max_iter=5000).fit(unit(support - mean), episode.support_labels.numpy())
+    assert predict("feature_probe", [episode], opts)[0].tolist() == reference.predict(unit(query - mean)).tolist()
+
+
+def test_feature_probe_fits_separable_support_sets_perfectly():
+    g = torch.Generator().manual_seed(2)
+    ways, shots = 5, 4
+    labels = torch.arange(ways).repeat_interleave(shots)
+    support = torch.randn(ways * shots, 64, generator=g).relu() + 2.0  # random points in 64-d: linearly separable
+    episode = _on_features(torch.cat([support, support]), ways, shots, shots)  # the queries are the support set
+    assert predict("feature_probe", [episode])[0].tolist() == labels.tolist()
+
+
+def test_the_tower_feature_baselines_are_methods_and_options():
+    assert {"feature_centroid", "feature_probe"} <= set(METHODS)
+    assert EvalOptions().feature_probe_c == 1.0
 
 
 @pytest.fixture(scope="module")
