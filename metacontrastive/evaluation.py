@@ -48,7 +48,6 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from tqdm import tqdm
 
 from metacontrastive.data.episodes import Task
@@ -157,10 +156,10 @@ class Episode:
 
 
 def _pixels(ep: Episode, opts: EvalOptions) -> torch.Tensor:
-    images = torch.cat([ep.task.support_images, ep.task.query_images])
-    support, query = ep.split(images.flatten(1))  # (S, 3HW), (Q, 3HW)
-    prototypes = class_means(support, ep.support_labels, ep.ways)
-    return torch.cdist(query, prototypes).argmin(dim=1)
+    support, query = ep.task.support_images.flatten(1), ep.task.query_images.flatten(1)  # (S, 3HW), (Q, 3HW)
+    prototypes = class_means(support, ep.support_labels, ep.ways)  # (N, 3HW)
+    # argmin ||q - p||^2 = argmin ||p||^2 - 2 q.p: one matmul, no copy of the images (what cdist computes for Q > 25)
+    return (prototypes.pow(2).sum(dim=1) - 2.0 * query @ prototypes.t()).argmin(dim=1)
 
 
 def _centred(ep: Episode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,20 +202,23 @@ def _linear_probe(ep: Episode, opts: EvalOptions) -> torch.Tensor:
 def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float, iters: int) -> Callable:
     """Fit multinomial logistic regression with scikit-learn's objective, sum CE + ||W||^2 / (2C) (the
     bias unpenalised), by full-batch L-BFGS from zero: deterministic. Returns the logit function."""
-    weight = torch.zeros(x.shape[1], classes, dtype=x.dtype, device=x.device, requires_grad=True)
-    bias = torch.zeros(classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    n = len(x)
+    weight = torch.zeros(x.shape[1], classes, dtype=x.dtype, device=x.device)  # (F, classes)
+    bias = torch.zeros(classes, dtype=x.dtype, device=x.device)
+    targets = F.one_hot(y, classes).to(x.dtype)  # (n, classes)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iters, tolerance_grad=1e-6,
                                   tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:  # scaled by 1 / n: the same minimiser, better conditioned steps
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + weight.pow(2).sum() / (2.0 * c * len(x))
-        loss.backward()
-        return loss
+        log_p = (x @ weight + bias).log_softmax(dim=1)  # (n, classes)
+        # the gradient in closed form: an episode is a few dozen small evaluations, where autograd's overhead dominates
+        residual = (log_p.exp() - targets) / n  # (n, classes) d mean CE / d logits
+        weight.grad = x.t() @ residual + weight / (c * n)
+        bias.grad = residual.sum(dim=0)
+        return -(targets * log_p).sum() / n + weight.pow(2).sum() / (2.0 * c * n)
 
-    with torch.enable_grad():
-        optimizer.step(objective)
-    return lambda q: q @ weight.detach() + bias.detach()
+    optimizer.step(objective)
+    return lambda q: q @ weight + bias
 
 
 def _tip_adapter(ep: Episode, opts: EvalOptions) -> torch.Tensor:
@@ -229,71 +231,184 @@ def _tip_adapter(ep: Episode, opts: EvalOptions) -> torch.Tensor:
     return (zero_shot_logits + opts.tip_alpha * cache_logits).argmax(dim=1)
 
 
-class _Embed(nn.Module):
-    """``model.embed`` as a module's forward, so that ``functional_call`` can swap in copies of its parts;
-    the conditioning vector is an input (each episode's own, under ``vmap``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, h_image: torch.Tensor, h_text: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.embed(h_image, h_text, cond)
-
-
 class _FreshHeads(nn.Module):
-    """The projection baseline's heads: a Linear-GELU-Linear head per modality, normalised outputs."""
+    """The projection baseline's heads: a Linear-GELU-Linear head per modality."""
 
     def __init__(self, image_dim: int, text_dim: int, hidden: int, dim: int) -> None:
         super().__init__()
         self.image, self.text = ProjectionHead(image_dim, hidden, dim), ProjectionHead(text_dim, hidden, dim)
 
-    def forward(self, h_image: torch.Tensor, h_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return F.normalize(self.image(h_image), dim=-1), F.normalize(self.text(h_text), dim=-1)
+
+# The trained methods train one copy of some Linear layers per episode, stacked on dim 0: a (B, in, out) weight
+# (stored transposed, so that batched matmuls read it without a copy) and a (B, out) bias per layer. Adam works
+# element by element and each copy's loss reads only its own episode, so this equals training each copy on its
+# own, at the cost of a few large matmuls per step instead of many small ones. The layers' backward is written
+# out (the loss's own gradient still comes from autograd) to write each step's gradients into buffers kept for the
+# whole training: autograd allocates a new (B, in, out) gradient per layer and step, and once that outgrows what
+# the allocator reuses (tens of MB), mapping in its fresh pages costs nearly as much as the matmul that fills it.
+Copies = dict[str, torch.Tensor]
 
 
-def _train_copies(net: nn.Module, params: dict[str, torch.Tensor], inputs: tuple, scale: torch.Tensor | float,
-                  labels: torch.Tensor, steps: int, lr: float) -> dict[str, torch.Tensor]:
-    """Train one copy of ``params`` per episode with Adam on its own support set's contrastive loss.
+def _copies(module: nn.Module, count: int) -> Copies:
+    """``count`` copies of the parameters of ``module``'s Linear layers, by parameter name: trainable copies of
+    the trainable ones (with a gradient buffer), a shared read-only view of the frozen ones.
 
-    The copies are stacked on dim 0 and run together under ``torch.func.vmap``; Adam works element by
-    element, so this equals training each copy on its own, at the cost of one.
+    Raises:
+        TypeError: ``module`` holds parameters outside Linear layers (no stacked layer is written for them).
+    """
+    copies = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.Linear):
+            prefix = f"{name}." if name else ""
+            for key, value in (("weight", layer.weight.t()), ("bias", layer.bias)):
+                if value is None:
+                    continue
+                stacked = value.detach().unsqueeze(0).expand(count, *value.shape)  # (B, ...)
+                if value.requires_grad:
+                    stacked = stacked.clone(memory_format=torch.contiguous_format).requires_grad_()
+                    stacked.grad = torch.zeros_like(stacked)
+                copies[prefix + key] = stacked
+        elif any(True for _ in layer.parameters(recurse=False)):
+            raise TypeError(f"cannot train stacked copies of {type(layer).__name__} {name!r}: only Linear layers")
+    return copies
+
+
+class _Linear:
+    """Each copy's ``nn.Linear`` on its own rows; ``backward`` fills the trained copies' gradient buffers."""
+
+    def __init__(self, p: Copies, prefix: str) -> None:
+        self.weight, self.bias = p[prefix + "weight"], p.get(prefix + "bias")  # (B, in, out), (B, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, n, in) -> (B, n, out)
+        self.x = x
+        return torch.bmm(x, self.weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def backward(self, dy: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        if self.weight.grad is not None:
+            torch.bmm(self.x.transpose(1, 2), dy, out=self.weight.grad)  # (B, in, out)
+        if self.bias is not None and self.bias.grad is not None:
+            torch.sum(dy, dim=1, out=self.bias.grad)  # (B, out)
+        return torch.bmm(dy, self.weight.transpose(1, 2)) if input_grad else None  # (B, n, in)
+
+
+class _GELU:
+    """``nn.GELU`` (exact or tanh, as the layer says)."""
+
+    def __init__(self, layer: nn.GELU) -> None:
+        self.approximate = layer.approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.x = x
+        return F.gelu(x, approximate=self.approximate)
+
+    def backward(self, dy: torch.Tensor, input_grad: bool = True) -> torch.Tensor:
+        return torch.ops.aten.gelu_backward(dy, self.x, approximate=self.approximate)
+
+
+class _Normalize:
+    """``F.normalize(x, dim=-1)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, n, 1)
+        self.z = x / self.norm
+        return self.z
+
+    def backward(self, dz: torch.Tensor, input_grad: bool = True) -> torch.Tensor:
+        return (dz - self.z * (self.z * dz).sum(dim=-1, keepdim=True)) / self.norm  # the tangent part, over the norm
+
+
+class _FiLM:
+    """Each copy's ``FiLM`` on its own conditioning vector: h' = (1 + delta_gamma(e)) * h + beta(e)."""
+
+    def __init__(self, p: Copies, prefix: str, cond: torch.Tensor) -> None:
+        self.linear, self.cond = _Linear(p, prefix + "to_gamma_beta."), cond.unsqueeze(1)  # cond (B, 1, C)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, n, F)
+        self.h = h
+        self.delta_gamma, beta = self.linear.forward(self.cond).chunk(2, dim=-1)  # (B, 1, F) each
+        return (1.0 + self.delta_gamma) * h + beta
+
+    def backward(self, dy: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        d_gamma_beta = torch.cat([(dy * self.h).sum(dim=1, keepdim=True), dy.sum(dim=1, keepdim=True)], dim=-1)  # (B, 1, 2F)
+        self.linear.backward(d_gamma_beta, input_grad=False)
+        return (1.0 + self.delta_gamma) * dy if input_grad else None
+
+
+class _Path:
+    """Layers from features (B, n, F) to normalised embeddings (B, n, D), run forward and backward by hand."""
+
+    def __init__(self, layers: list) -> None:
+        self.layers = layers
+
+    @classmethod
+    def of(cls, head: ProjectionHead, p: Copies, prefix: str, film: _FiLM | None = None) -> _Path:
+        """``film`` (if any), then ``head`` (its Linear and GELU layers), then normalisation."""
+        layers = [] if film is None else [film]
+        for i, layer in enumerate(head.net):
+            if isinstance(layer, nn.Linear):
+                layers.append(_Linear(p, f"{prefix}net.{i}."))
+            elif isinstance(layer, nn.GELU):
+                layers.append(_GELU(layer))
+            else:
+                raise TypeError(f"no stacked layer for {type(layer).__name__} in {prefix}net.{i}")
+        return cls(layers + [_Normalize()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dz: torch.Tensor) -> None:
+        """Fill the gradient buffers of the trained copies, from d loss / d embeddings; the features get none."""
+        for i in reversed(range(len(self.layers))):
+            dz = self.layers[i].backward(dz, input_grad=i > 0)
+
+
+def _support_losses(z_image: torch.Tensor, z_text: torch.Tensor, scale: torch.Tensor | float,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """(B,) each episode's contrastive loss between its support images (B, S, D) and class prompts (B, N, D)."""
+    classes = torch.arange(z_text.shape[1], device=labels.device)
+    return torch.func.vmap(lambda zi, zt: contrastive_loss(zi, zt, scale, labels, classes))(z_image, z_text)
+
+
+@torch.no_grad()
+def _train_copies(p: Copies, image: _Path, support: torch.Tensor, text: _Path, texts: torch.Tensor,
+                  scale: torch.Tensor | float, labels: torch.Tensor, steps: int, lr: float) -> None:
+    """Train the trainable copies in ``p`` with Adam on each episode's own support loss, in place.
 
     Args:
-        net: maps ``*inputs`` of one episode to (z_image, z_text); ``params`` replace its parameters.
-        params: (B, ...) stacked leaves, one copy per episode.
-        inputs: per-episode inputs stacked on dim 0.
+        p: stacked copies (``_copies``).
+        image: the image path, read from ``p``.
+        support: (B, S, F_I) support image features.
+        text: the text path, read from ``p``.
+        texts: (B, N, F_T) class prompt features.
         scale: the inverse temperature of the loss.
         labels: (S,) the support labels, the same in every episode of a set.
         steps: Adam steps.
         lr: Adam's learning rate.
     """
-    classes = torch.unique(labels)
-
-    def loss(p: dict, *x: torch.Tensor) -> torch.Tensor:
-        z_image, z_text = functional_call(net, p, x)
-        return contrastive_loss(z_image, z_text, scale, labels, classes)
-
-    batched = torch.func.vmap(loss, in_dims=(0,) + (0,) * len(inputs))
-    leaves = list(params.values())
-    optimizer = torch.optim.Adam(leaves, lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            total = batched(params, *inputs).sum()  # episodes are independent: each copy gets its own gradient
-            optimizer.zero_grad()
-            total.backward(inputs=leaves)  # only the copies: the model's own weights get no gradient
-            optimizer.step()
-    return {name: p.detach() for name, p in params.items()}
+    trained = [t for t in p.values() if t.requires_grad]
+    # fused: one pass over each tensor per step (the copies are large: the optimiser's memory traffic dominates)
+    optimizer = torch.optim.Adam(trained, lr=lr, fused=True)
+    for _ in range(steps):
+        z_image = image.forward(support).requires_grad_()  # (B, S, D) leaves: autograd differentiates the loss alone
+        z_text = text.forward(texts).requires_grad_()  # (B, N, D)
+        with torch.enable_grad():
+            total = _support_losses(z_image, z_text, scale, labels).sum()  # episodes are independent
+            dz_image, dz_text = torch.autograd.grad(total, (z_image, z_text))
+        image.backward(dz_image)  # each copy gets its own gradient; the model's own weights get none
+        text.backward(dz_text)
+        optimizer.step()
 
 
-def _copies(named: Iterable[tuple[str, torch.Tensor]], count: int) -> dict[str, torch.Tensor]:
-    """``count`` trainable copies of each tensor, stacked on a new dim 0."""
-    return {name: p.detach().unsqueeze(0).repeat(count, *([1] * p.ndim)).requires_grad_() for name, p in named}
+def _stacked_features(episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, S, F_I) support and (B, Q, F_I) query image features, (B, N, F_T) class prompt features."""
+    support, query = map(torch.stack, zip(*(ep.split(ep.h_image) for ep in episodes)))
+    return support, query, torch.stack([ep.h_text for ep in episodes])
 
 
-def _nearest_text(net: nn.Module, params: dict[str, torch.Tensor], inputs: tuple) -> torch.Tensor:
-    """(B, Q) the nearest text of each query, with each episode's trained copy."""
-    z_query, z_text = torch.func.vmap(lambda p, *x: functional_call(net, p, x))(params, *inputs)  # (B, Q, D), (B, N, D)
+def _nearest_text(z_query: torch.Tensor, z_text: torch.Tensor) -> torch.Tensor:
+    """(B, Q) the nearest class prompt (B, N, D) of each query (B, Q, D)."""
     return (z_query @ z_text.transpose(1, 2)).argmax(dim=2)
 
 
@@ -303,26 +418,26 @@ def _projection(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):  # one seeded initialisation for every episode, without touching the global stream
         torch.manual_seed(opts.seed)
         heads = _FreshHeads(first.h_image.shape[1], first.h_text.shape[1], hidden, dim).to(first.h_image.device)
-    support, query = map(torch.stack, zip(*(ep.split(ep.h_image) for ep in episodes)))  # (B, S, F_I), (B, Q, F_I)
-    texts = torch.stack([ep.h_text for ep in episodes])  # (B, N, F_T)
-    params = _train_copies(heads, _copies(heads.named_parameters(), len(episodes)), (support, texts),
-                           1.0 / opts.projection_temperature, first.support_labels, opts.projection_steps, opts.projection_lr)
+    support, query, texts = _stacked_features(episodes)
+    p = _copies(heads, len(episodes))
+    image, text = _Path.of(heads.image, p, "image."), _Path.of(heads.text, p, "text.")
+    _train_copies(p, image, support, text, texts, 1.0 / opts.projection_temperature, first.support_labels,
+                  opts.projection_steps, opts.projection_lr)
     with torch.no_grad():
-        return _nearest_text(heads, params, (query, texts))
+        return _nearest_text(image.forward(query), text.forward(texts))
 
 
 def _finetune(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     first = episodes[0]
     model = first.module.model
-    net = _Embed(model)
-    tuned = [(n, p) for n, p in net.named_parameters() if n.split(".")[1] in _FINETUNED and p.requires_grad]
-    support, query = map(torch.stack, zip(*(ep.split(ep.h_image) for ep in episodes)))  # (B, S, F_I), (B, Q, F_I)
-    texts = torch.stack([ep.h_text for ep in episodes])  # (B, N, F_T)
+    support, query, texts = _stacked_features(episodes)
     conds = torch.stack([_conditioning(model, ep.view.domain_row) for ep in episodes]).to(support.device)  # (B, C)
-    params = _train_copies(net, _copies(tuned, len(episodes)), (support, texts, conds), model.scale().detach(),
-                           first.support_labels, opts.finetune_steps, opts.finetune_lr)
+    p = _copies(_finetuned(model), len(episodes))
+    image, text = _model_path(model, p, "image", conds), _model_path(model, p, "text", conds)
+    _train_copies(p, image, support, text, texts, model.scale().detach(), first.support_labels,
+                  opts.finetune_steps, opts.finetune_lr)
     with torch.no_grad():
-        return _nearest_text(net, params, (query, texts, conds))
+        return _nearest_text(image.forward(query), text.forward(texts))
 
 
 def _conditioning(model: nn.Module, row: int | torch.Tensor) -> torch.Tensor:
@@ -335,6 +450,18 @@ def _conditioning(model: nn.Module, row: int | torch.Tensor) -> torch.Tensor:
 
 
 _FINETUNED = ("film_image", "film_text", "head_image", "head_text")  # what ``finetune`` trains, whatever the adapt scope
+
+
+def _finetuned(model: nn.Module) -> nn.ModuleDict:
+    """The parts of ``model`` that ``finetune`` trains (those it has: FiLM may be off)."""
+    return nn.ModuleDict({name: getattr(model, name) for name in _FINETUNED if getattr(model, name) is not None})
+
+
+def _model_path(model: nn.Module, p: Copies, modality: str, conds: torch.Tensor) -> _Path:
+    """What ``model.embed_image`` (or ``embed_text``) computes, with each copy's FiLM (on its own conditioning
+    vector, conds (B, C)) and head from ``p``."""
+    film = _FiLM(p, f"film_{modality}.", conds) if getattr(model, f"film_{modality}") is not None else None
+    return _Path.of(getattr(model, f"head_{modality}"), p, f"head_{modality}.", film)
 
 
 def _dcmcl(ep: Episode, opts: EvalOptions) -> torch.Tensor:
