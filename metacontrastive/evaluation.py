@@ -561,9 +561,8 @@ def evaluate(
                       for m in methods}
             seconds = dict.fromkeys(methods, 0.0)
             prompt_cos = []  # per episode: mean cosine between its un-adapted class prompts
-            for first in range(0, len(episodes), chunk):
-                batch = [Episode.of(module, _to(episodes[i], device), row)
-                         for i in range(first, min(first + chunk, len(episodes)))]
+            for indices in _chunks(episodes, chunk):
+                batch = [Episode.of(module, _to(episodes[i], device), row) for i in indices]
                 for ep in batch:
                     prompt_cos.append(mean_cosine(ep.z_text))
                 targets = torch.stack([ep.task.query_labels for ep in batch])  # (B, Q)
@@ -582,7 +581,9 @@ def evaluate(
                 acc, f1 = scores[method]["acc"].compute(), scores[method]["f1"].compute()
                 results.append(Result(
                     domain=domain, conditioning=domain if known else "unknown", method=method,
-                    ways=episodes.shape.ways, shots=episodes.shape.shots, queries=episodes.shape.queries,
+                    ways=episodes.shape.ways, shots=0 if episodes.variable else episodes.shape.shots,
+                    queries=max(len(ix) - k for (_, ix), k in zip(episodes.draws[0], episodes.shots[0])) if episodes.variable
+                    else episodes.shape.queries,
                     episodes=len(episodes), images=episodes.distinct_images(),
                     acc=float(acc["mean"]), acc_ci95=float(acc["ci95"]), f1=float(f1["mean"]), f1_ci95=float(f1["ci95"]),
                     ms_per_episode=1000.0 * seconds[method] / max(len(episodes), 1),
@@ -604,7 +605,23 @@ def _warn_collapsed_prompts(domain: str, cosine: float, methods: list[str]) -> N
                     "model.prototype_prompts or method=contrastive.", domain, cosine, " and ".join(readers))
 
 
+def _chunks(episodes: FixedEpisodes, chunk: int) -> Iterable[list[int]]:
+    """The episode indices scored together: consecutive runs of ``chunk``; for variable-way variable-shot episodes,
+    episodes of one layout (the same shots and queries per class) at a time, since the trained methods train
+    their copies together."""
+    if not episodes.variable:
+        for first in range(0, len(episodes), chunk):
+            yield list(range(first, min(first + chunk, len(episodes))))
+        return
+    layouts: dict[tuple, list[int]] = {}
+    for i, (draw, shots) in enumerate(zip(episodes.draws, episodes.shots)):
+        layouts.setdefault((tuple(shots), tuple(len(ix) for _, ix in draw)), []).append(i)
+    for group in layouts.values():
+        for first in range(0, len(group), chunk):
+            yield group[first:first + chunk]
+
+
 def _to(task: Task, device: torch.device) -> Task:
-    if task.support_images.device == device:
+    if task.support_labels.device == device:
         return task
     return task.map_tensors(lambda t: t.to(device))  # every field kept (prompts per class included)

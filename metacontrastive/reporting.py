@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 
 from metacontrastive.evaluation import Result
 
-__all__ = ["FILES", "log_to_tensorboard", "markdown_table", "plot_accuracy_vs_shots", "write_results"]
+__all__ = ["FILES", "log_to_tensorboard", "markdown_table", "plot_accuracy_vs_shots", "shape", "write_results"]
 
 FILES = ("results.json", "results.csv", "results.md", "accuracy_vs_shots.png")
 
@@ -38,12 +38,17 @@ def _columns(results: Sequence[Result]) -> dict[tuple[str, str, int], Result]:
 EPISODE_CI = "1.96 std / sqrt(episodes)"
 
 
+def shape(r: Result) -> str:
+    """``5-way 5-shot``, or ``2-5-way variable-shot`` for variable-way variable-shot episodes (``shots`` 0)."""
+    return f"{r.ways}-way {r.shots}-shot" if r.shots else f"2-{r.ways}-way variable-shot"
+
+
 def markdown_table(results: Sequence[Result], ci: str = EPISODE_CI) -> str:
     """A row per method, a column per (domain, conditioning, shots): accuracy % +- 95% CI, then macro-F1 % +- CI;
     ``ci`` says in the footer what the interval is."""
     columns = _columns(results)
     by_key = {(r.method, r.domain, r.conditioning, r.shots): r for r in results}
-    heads = [f"{domain} {r.ways}-way {shots}-shot" + ("" if conditioning == domain else f", via {conditioning}")
+    heads = [f"{domain} {shape(r)}" + ("" if conditioning == domain else f", via {conditioning}")
              for (domain, conditioning, shots), r in columns.items()]
     lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(columns)]
     for method in dict.fromkeys(r.method for r in results):
@@ -52,15 +57,18 @@ def markdown_table(results: Sequence[Result], ci: str = EPISODE_CI) -> str:
             r = by_key.get((method, domain, conditioning, shots))
             cells.append("" if r is None else f"{100 * r.acc:.1f} ± {100 * r.acc_ci95:.1f} (F1 {100 * r.f1:.1f} ± {100 * r.f1_ci95:.1f})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    notes = [f"{domain} {shots}-shot: {r.episodes} episodes, {r.queries} queries per class, {r.images} distinct images, "
-             f"chance {100 / r.ways:.1f}%" for (domain, _, shots), r in columns.items()]  # dict.fromkeys: once each
+    notes = [f"{domain} {shape(r)}: {r.episodes} episodes, {'up to ' if not shots else ''}{r.queries} queries per class, "
+             f"{r.images} distinct images, chance {'from ' if not shots else ''}{100 / r.ways:.1f}%"
+             for (domain, _, shots), r in columns.items()]  # dict.fromkeys: once each
     return ("\n".join(lines) + f"\n\nAccuracy % ± 95% CI ({ci}), macro-F1 in brackets. "
             + "; ".join(dict.fromkeys(notes)) + ".\n")
 
 
 def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path | None = None) -> plt.Figure:
     """One panel per domain: accuracy against shots, a line per method, CI error bars, chance dashed.
-    Saved to ``path`` and closed when one is given, else returned open (for a notebook)."""
+    Saved to ``path`` and closed when one is given, else returned open (for a notebook). Variable-shot rows
+    (``shots`` 0) have no place on a shots axis and are left out."""
+    results = [r for r in results if r.shots]
     panels = list(dict.fromkeys((r.domain, r.conditioning) for r in results))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (domain, conditioning) in zip(axes[0], panels):
@@ -108,4 +116,5 @@ def log_to_tensorboard(results: Sequence[Result], log_dir: str | Path, step: int
         writer.add_text("evaluate/results", markdown_table(results), step)
         for r in results:
             for key in ("acc", "f1"):
-                writer.add_scalar(f"evaluate/{r.domain}/{r.shots}shot/{r.method}/{key}", getattr(r, key), step)
+                kind = f"{r.shots}shot" if r.shots else "variable"
+                writer.add_scalar(f"evaluate/{r.domain}/{kind}/{r.method}/{key}", getattr(r, key), step)

@@ -332,3 +332,15 @@ def test_collapsed_zero_shot_prompts_are_named_in_a_warning(episode_sets, caplog
         evaluate(collapsed, episode_sets[:1], ["prototype"], progress=False)  # no method reads the prompts
         evaluate(MetaContrastiveModule(domains=["natural", "medical"]), episode_sets[:1], ["zero_shot"], progress=False)
     assert "collapsed" not in caplog.text
+
+
+def test_variable_way_variable_shot_episodes_score_every_method_in_groups_of_one_layout(module, demo_root):
+    from metacontrastive.data.tasks import VariableShape
+    from metacontrastive.reporting import markdown_table
+
+    dm = EpisodicDataModule(root=str(demo_root), **SMALL)
+    (variable,) = [s for s in dm.episode_sets("test", [1], count=8, variable=VariableShape(max_ways=4, queries=3)) if s.variable][:1]
+    results = evaluate(module, [variable], list(METHODS), chunk=4, progress=False)
+    assert {r.method for r in results} == set(METHODS) and all(r.shots == 0 and r.episodes == 8 for r in results)
+    assert all(0.0 <= r.acc <= 1.0 for r in results)
+    assert "2-4-way variable-shot" in markdown_table(results)
