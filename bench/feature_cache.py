@@ -55,7 +55,7 @@ def _module(args) -> MetaContrastiveModule:
     torch.manual_seed(0)
     encoder = EncoderConfig(image_tower=args.tower, text_tower="minilm", freeze_image=True, freeze_text=True,
                             image_size=args.size)
-    return MetaContrastiveModule(domains=args.domains, encoder=encoder)
+    return MetaContrastiveModule(domains=args.domains, encoder=encoder, meta_engine=args.engine)
 
 
 def _datamodule(args, root: str, cache: str) -> EpisodicDataModule:
@@ -74,7 +74,7 @@ def _fit(args, root: str, cache: str, logs: Path) -> tuple[float, float, MetaCon
     trainer.fit(module, dm)
     setup_s = timer.starts[0] - start  # what happens before the first step: the cache build, on a cold cache
     ckpt = logs / f"{cache}.ckpt"
-    trainer.save_checkpoint(ckpt)
+    trainer.save_checkpoint(ckpt, weights_only=False)
     return timer.ms_per_step(), setup_s, module, dm, ckpt
 
 
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--episodes", type=int, default=600, help="evaluation episodes per domain")
+    parser.add_argument("--engine", default="func", choices=("func", "l2l"), help="meta engine (conf/pretrained.yaml's: func)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the available cores)")
     parser.add_argument("--out", default="bench/results", help="folder for the markdown table")
     args = parser.parse_args()

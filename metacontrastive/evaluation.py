@@ -115,6 +115,8 @@ class Episode:
         row: the domain-table row conditioning the task.
         module: the ``MetaContrastiveModule`` (for the methods that adapt the model).
         view: the model's ``TaskView`` of the task.
+        h_model: (S + Q, F_I) the image features the model's FiLM and heads read (``h_image`` centred on the
+            support set when the model has ``center_support``; None: ``h_image``).
     """
 
     task: Task
@@ -126,6 +128,7 @@ class Episode:
     row: int = 0
     module: nn.Module | None = None
     view: TaskView | None = None
+    h_model: torch.Tensor | None = None
 
     @classmethod
     def of(cls, module: nn.Module, task: Task, row: int) -> Episode:
@@ -134,12 +137,13 @@ class Episode:
             raise ValueError(f"domain {task.domain!r}: few-shot evaluation needs labelled episodes, not caption tasks")
         with torch.no_grad():  # frozen features: no method differentiates into the towers (unless they adapt)
             view = module.view_of(task, row)  # an unseen domain's row may become a blend of the known ones
-            h_image, h_text = view.features()  # (S + Q, F_I), (N * P, F_T): P prompts per class
+            h_model, h_text = view.features()  # (S + Q, F_I), (N * P, F_T): P prompts per class
+            h_image = view.tower_features[0] if hasattr(view, "tower_features") else h_model  # the tower's own
             h_text = h_text.view(len(task.classes), task.prompts, -1).mean(dim=1)  # (N, F_T)
-            z_image = module.model.embed_image(h_image, view.domain_row)  # (S + Q, D)
+            z_image = module.model.embed_image(h_model, view.domain_row)  # (S + Q, D)
             z_text = view.texts()  # (N, D), prompt ensembling when P > 1; no support prototypes: zero-shot
             scale = module.model.scale()
-        return cls(task, h_image, h_text, z_image, z_text, scale, row, module, view)
+        return cls(task, h_image, h_text, z_image, z_text, scale, row, module, view, h_model)
 
     @property
     def ways(self) -> int:
@@ -175,13 +179,14 @@ def _feature_centroid(ep: Episode, opts: EvalOptions) -> torch.Tensor:
     return (query @ prototypes.t()).argmax(dim=1)
 
 
-def _feature_probe(ep: Episode, opts: EvalOptions) -> torch.Tensor:
+def _feature_probe(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     # the centroid's features: unit norm, so that one C is the same regularisation whatever the scale of the tower's
     # or the domain's features; centred first, so that the directions normalised are those that separate the
     # episode's classes, not the one that all non-negative pooled features share (centring alone would only move
     # the unpenalised bias)
-    support, query = _centred(ep)
-    return logistic_regression(support, ep.support_labels, ep.ways, opts.feature_probe_c, opts.probe_iters)(query).argmax(dim=1)
+    support, query = map(torch.stack, zip(*(_centred(ep) for ep in episodes)))  # (B, S, F_I), (B, Q, F_I)
+    first = episodes[0]
+    return logistic_regression(support, first.support_labels, first.ways, opts.feature_probe_c, opts.probe_iters)(query).argmax(dim=-1)
 
 
 def _zero_shot(ep: Episode, opts: EvalOptions) -> torch.Tensor:
@@ -194,27 +199,35 @@ def _prototype(ep: Episode, opts: EvalOptions) -> torch.Tensor:
     return (query @ prototypes.t()).argmax(dim=1)
 
 
-def _linear_probe(ep: Episode, opts: EvalOptions) -> torch.Tensor:
-    support, query = ep.split(ep.z_image)
-    return logistic_regression(support, ep.support_labels, ep.ways, opts.probe_c, opts.probe_iters)(query).argmax(dim=1)
+def _linear_probe(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
+    support, query = map(torch.stack, zip(*(ep.split(ep.z_image) for ep in episodes)))  # (B, S, D), (B, Q, D)
+    first = episodes[0]
+    return logistic_regression(support, first.support_labels, first.ways, opts.probe_c, opts.probe_iters)(query).argmax(dim=-1)
 
 
 def logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, c: float, iters: int) -> Callable:
     """Fit multinomial logistic regression with scikit-learn's objective, sum CE + ||W||^2 / (2C) (the
-    bias unpenalised), by full-batch L-BFGS from zero: deterministic. Returns the logit function."""
-    n = len(x)
-    weight = torch.zeros(x.shape[1], classes, dtype=x.dtype, device=x.device)  # (F, classes)
-    bias = torch.zeros(classes, dtype=x.dtype, device=x.device)
+    bias unpenalised), by full-batch L-BFGS from zero: deterministic. Returns the logit function.
+
+    ``x`` (n, F) is one problem; (B, n, F) is B problems with the same labels ``y`` (n,), solved together as their
+    sum: the problems share no parameter, so the sum's minimiser is each one's own (the objective is strictly
+    convex), and one L-BFGS over the chunk costs about what one episode's did (logits agree with solving each
+    alone to L-BFGS's tolerances, about 1e-4; tests/test_evaluation.py).
+    """
+    n = x.shape[-2]
+    batch = x.shape[:-2]
+    weight = torch.zeros(*batch, x.shape[-1], classes, dtype=x.dtype, device=x.device)  # ([B,] F, classes)
+    bias = torch.zeros(*batch, 1, classes, dtype=x.dtype, device=x.device)  # ([B,] 1, classes)
     targets = F.one_hot(y, classes).to(x.dtype)  # (n, classes)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iters, tolerance_grad=1e-6,
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iters * 2 if batch else iters, tolerance_grad=1e-6,
                                   tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:  # scaled by 1 / n: the same minimiser, better conditioned steps
-        log_p = (x @ weight + bias).log_softmax(dim=1)  # (n, classes)
+        log_p = (x @ weight + bias).log_softmax(dim=-1)  # ([B,] n, classes)
         # the gradient in closed form: an episode is a few dozen small evaluations, where autograd's overhead dominates
-        residual = (log_p.exp() - targets) / n  # (n, classes) d mean CE / d logits
-        weight.grad = x.t() @ residual + weight / (c * n)
-        bias.grad = residual.sum(dim=0)
+        residual = (log_p.exp() - targets) / n  # ([B,] n, classes) d mean CE / d logits
+        weight.grad = x.transpose(-1, -2) @ residual + weight / (c * n)
+        bias.grad = residual.sum(dim=-2, keepdim=True)
         return -(targets * log_p).sum() / n + weight.pow(2).sum() / (2.0 * c * n)
 
     optimizer.step(objective)
@@ -334,6 +347,20 @@ class _FiLM:
         return (1.0 + self.delta_gamma) * dy if input_grad else None
 
 
+class _Residual:
+    """x + path(x) (a residual ``ProjectionHead``)."""
+
+    def __init__(self, path: _Path) -> None:
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.path.forward(x)
+
+    def backward(self, dy: torch.Tensor, input_grad: bool = True) -> torch.Tensor | None:
+        dx = self.path.backward(dy, input_grad)
+        return dy + dx if input_grad else None
+
+
 class _Path:
     """Layers from features (B, n, F) to normalised embeddings (B, n, D), run forward and backward by hand."""
 
@@ -344,13 +371,15 @@ class _Path:
     def of(cls, head: ProjectionHead, p: Copies, prefix: str, film: _FiLM | None = None) -> _Path:
         """``film`` (if any), then ``head`` (its Linear and GELU layers), then normalisation."""
         layers = [] if film is None else [film]
+        net = []
         for i, layer in enumerate(head.net):
             if isinstance(layer, nn.Linear):
-                layers.append(_Linear(p, f"{prefix}net.{i}."))
+                net.append(_Linear(p, f"{prefix}net.{i}."))
             elif isinstance(layer, nn.GELU):
-                layers.append(_GELU(layer))
+                net.append(_GELU(layer))
             else:
                 raise TypeError(f"no stacked layer for {type(layer).__name__} in {prefix}net.{i}")
+        layers += [_Residual(cls(net))] if getattr(head, "residual", False) else net
         return cls(layers + [_Normalize()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,10 +387,12 @@ class _Path:
             x = layer.forward(x)
         return x
 
-    def backward(self, dz: torch.Tensor) -> None:
-        """Fill the gradient buffers of the trained copies, from d loss / d embeddings; the features get none."""
+    def backward(self, dz: torch.Tensor, input_grad: bool = False) -> torch.Tensor | None:
+        """Fill the gradient buffers of the trained copies, from d loss / d embeddings; the features get a gradient
+        only with ``input_grad`` (a path inside a residual layer)."""
         for i in reversed(range(len(self.layers))):
-            dz = self.layers[i].backward(dz, input_grad=i > 0)
+            dz = self.layers[i].backward(dz, input_grad=i > 0 or input_grad)
+        return dz
 
 
 def _support_losses(z_image: torch.Tensor, z_text: torch.Tensor, scale: torch.Tensor | float,
@@ -401,9 +432,11 @@ def _train_copies(p: Copies, image: _Path, support: torch.Tensor, text: _Path, t
         optimizer.step()
 
 
-def _stacked_features(episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, S, F_I) support and (B, Q, F_I) query image features, (B, N, F_T) class prompt features."""
-    support, query = map(torch.stack, zip(*(ep.split(ep.h_image) for ep in episodes)))
+def _stacked_features(episodes: list[Episode], model: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, S, F_I) support and (B, Q, F_I) query image features (the tower's, or with ``model`` what the model's
+    FiLM reads: ``Episode.h_model``), (B, N, F_T) class prompt features."""
+    support, query = map(torch.stack, zip(*(ep.split(ep.h_model if model and ep.h_model is not None else ep.h_image)
+                                            for ep in episodes)))
     return support, query, torch.stack([ep.h_text for ep in episodes])
 
 
@@ -430,7 +463,7 @@ def _projection(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
 def _finetune(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     first = episodes[0]
     model = first.module.model
-    support, query, texts = _stacked_features(episodes)
+    support, query, texts = _stacked_features(episodes, model=True)
     conds = torch.stack([_conditioning(model, ep.view.domain_row) for ep in episodes]).to(support.device)  # (B, C)
     p = _copies(_finetuned(model), len(episodes))
     image, text = _model_path(model, p, "image", conds), _model_path(model, p, "text", conds)
@@ -480,10 +513,10 @@ def _each(method: Callable[[Episode, EvalOptions], torch.Tensor]) -> Method:
 METHODS: dict[str, Method] = {
     "pixels": _each(_pixels),
     "feature_centroid": _each(_feature_centroid),
-    "feature_probe": _each(_feature_probe),
+    "feature_probe": _feature_probe,
     "zero_shot": _each(_zero_shot),
     "prototype": _each(_prototype),
-    "linear_probe": _each(_linear_probe),
+    "linear_probe": _linear_probe,
     "tip_adapter": _each(_tip_adapter),
     "projection": _projection,
     "finetune": _finetune,

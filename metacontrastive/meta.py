@@ -208,16 +208,25 @@ class TaskView:
                 raise ValueError("the towers adapt in the inner loop (adapt_scope=all), so tasks need images, not cached "
                                  "features: set data.feature_cache=off")
             self._features = None
-        elif features is not None:
-            self._features = features
         else:
-            self._features = model.features(self.images, task.texts, support=n, cached=task_cached(task))
+            self.tower_features = features if features is not None else model.features(
+                self.images, task.texts, support=n, cached=task_cached(task))
+            self._features = self._centred(self.tower_features)
+
+    def _centred(self, features: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``center_support``, the image features less their support set's mean (SimpleShot's centring)."""
+        if not self.model.config.center_support:
+            return features
+        h_image, h_text = features
+        return h_image - h_image[self.support.index].mean(dim=0), h_text  # (S + Q, F_I)
 
     def features(self, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tower features h_I (S + Q, F_I) and h_T (M, F_T)."""
+        """The features FiLM and the heads read: h_I (S + Q, F_I), centred on the support set with
+        ``center_support``, and h_T (M, F_T). ``tower_features`` holds the towers' own (when they are slow weights)."""
         if self._features is not None:
             return self._features
-        return self.model.features(self.images, self.task.texts, fast=fast, support=len(self.task.support_labels))
+        return self._centred(self.model.features(self.images, self.task.texts, fast=fast,
+                                                 support=len(self.task.support_labels)))
 
     def texts(self, fast: Parts | None = None) -> torch.Tensor:
         """(L, D) one normalised text embedding per label: its prompts' embeddings averaged (prompt ensembling)."""

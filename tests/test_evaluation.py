@@ -156,6 +156,22 @@ def module():
     return MetaContrastiveModule(domains=["natural", "medical"], encoder=EncoderConfig(embed_dim=32, hidden_dim=64), inner_lr=0.5).eval()
 
 
+@pytest.fixture(scope="module")
+def residual_module():
+    """A residual image head (the identity at initialisation: its last layer is nudged off zero here)."""
+    torch.manual_seed(0)
+    encoder = EncoderConfig(embed_dim=128, hidden_dim=64, residual_image_head=True, center_support=True)
+    module = MetaContrastiveModule(domains=["natural", "medical"], encoder=encoder, inner_lr=0.5).eval()
+    with torch.no_grad():
+        module.model.head_image.net[2].weight.normal_(std=0.05)
+    return module
+
+
+@pytest.fixture(params=["mlp", "residual"])
+def either_module(request, module, residual_module):
+    return module if request.param == "mlp" else residual_module
+
+
 def test_finetune_trains_a_copy_per_episode_as_if_each_were_alone(module):
     episodes = [Episode.of(module, _task(seed=s), 0) for s in range(3)]
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -173,8 +189,8 @@ def test_projection_trains_fresh_heads_per_episode_as_if_each_were_alone():
     assert torch.equal(predict("projection", episodes), torch.cat([predict("projection", [ep]) for ep in episodes]))
 
 
-def test_the_stacked_copies_compute_the_models_own_embeddings(module):
-    model = module.model
+def test_the_stacked_copies_compute_the_models_own_embeddings(either_module):
+    model = either_module.model
     g = torch.Generator().manual_seed(0)
     h_image, h_text = torch.randn(2, 7, 128, generator=g), torch.randn(2, 3, 128, generator=g)  # (B, n, F)
     conds = torch.stack([evaluation._conditioning(model, row) for row in (0, 1)])  # (B, C), a domain per copy
@@ -188,10 +204,10 @@ def test_the_stacked_copies_compute_the_models_own_embeddings(module):
                           F.normalize(heads.image(h_image), dim=-1), atol=1e-6)
 
 
-def test_stacked_training_is_plain_pytorch_training_of_each_copy(module):
+def test_stacked_training_is_plain_pytorch_training_of_each_copy(either_module):
     """The stacked copies, their written-out backward and fused Adam give what each copy trained alone gives as an
     ``nn.Module`` with autograd and torch's reference Adam (float64: agreement to rounding)."""
-    model = copy.deepcopy(module.model).double()
+    model = copy.deepcopy(either_module.model).double()
     g = torch.Generator().manual_seed(0)
     episodes, ways, shots, steps, lr = 3, 3, 2, 5, 1e-2
     labels = torch.arange(ways).repeat_interleave(shots)
@@ -344,3 +360,30 @@ def test_variable_way_variable_shot_episodes_score_every_method_in_groups_of_one
     assert {r.method for r in results} == set(METHODS) and all(r.shots == 0 and r.episodes == 8 for r in results)
     assert all(0.0 <= r.acc <= 1.0 for r in results)
     assert "2-4-way variable-shot" in markdown_table(results)
+
+
+def test_a_residual_image_head_starts_as_the_identity_and_centring_reads_the_support_mean():
+    torch.manual_seed(0)
+    encoder = EncoderConfig(embed_dim=128, residual_image_head=True, center_support=True, condition_image=False)
+    module = MetaContrastiveModule(domains=["natural", "medical"], encoder=encoder).eval()
+    task = _task()
+    episode = Episode.of(module, task, 0)
+    h = module.model.image_tower(torch.cat([task.support_images, task.query_images]))  # (S + Q, F)
+    n = len(task.support_labels)
+    assert torch.allclose(episode.h_image, h, atol=1e-6)  # the tower's own features, for the baselines
+    assert torch.allclose(episode.h_model, h - h[:n].mean(dim=0), atol=1e-5)  # what the model reads
+    assert torch.allclose(episode.z_image, F.normalize(h - h[:n].mean(dim=0), dim=-1), atol=1e-5)  # identity head
+    with pytest.raises(ValueError, match="residual head keeps its input's size"):
+        MetaContrastiveModule(domains=["natural"], encoder=EncoderConfig(embed_dim=64, residual_image_head=True))
+
+
+def test_logistic_regression_solves_a_chunk_of_problems_as_each_alone():
+    """B problems solved together as their sum reach each one's own minimiser (strictly convex, no shared weights)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(3)
+    x = torch.randn(6, 12, 20, generator=g, dtype=torch.float64) + 2.0 * F.one_hot(y, 20).to(torch.float64)  # (B, n, F)
+    q = torch.randn(6, 9, 20, generator=g, dtype=torch.float64)
+    together = logistic_regression(x, y, 4, c=1.0, iters=100)(q)  # (B, Q, 4)
+    alone = torch.stack([logistic_regression(x[b], y, 4, c=1.0, iters=100)(q[b]) for b in range(6)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-3)  # both stop within L-BFGS's tolerances
+    assert torch.equal(together.argmax(-1), alone.argmax(-1))

@@ -26,14 +26,29 @@ __all__ = ["DomainConditionedCLIP", "EncoderConfig", "ProjectionHead"]
 
 
 class ProjectionHead(nn.Module):
-    """Linear-GELU-Linear adapter into the shared space (the second seed paper's projection)."""
+    """Linear-GELU-Linear adapter into the shared space (the second seed paper's projection).
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    Args:
+        in_dim: feature size.
+        hidden_dim: hidden width.
+        out_dim: size of the shared space.
+        residual: h + net(h) with the last layer initialised to zero, so that the untrained head is the identity
+            and the pretrained space stays reachable (needs ``in_dim == out_dim``).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, residual: bool = False) -> None:
         super().__init__()
+        if residual and in_dim != out_dim:
+            raise ValueError(f"a residual head keeps its input's size, {in_dim}, but the shared space has {out_dim}: "
+                             f"set model.encoder.embed_dim={in_dim} or model.encoder.residual_image_head=false")
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        self.residual = residual
+        if residual:
+            nn.init.zeros_(self.net[2].weight)
+            nn.init.zeros_(self.net[2].bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
+        return h + self.net(h) if self.residual else self.net(h)
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,12 @@ class EncoderConfig:
         condition_text: apply FiLM to text features.
         init_temperature: initial softmax temperature (CLIP: 0.07).
         max_logit_scale: clamp on the inverse temperature (CLIP: 100).
+        residual_image_head: the image head is h + MLP(h), the identity at initialisation (``ProjectionHead``),
+            so the untrained model's image embeddings are the normalised tower features; needs ``embed_dim``
+            equal to the image tower's feature size.
+        center_support: subtract the mean of each task's support image features from all its image features
+            before FiLM and the head (SimpleShot's centring, on the support set: inductive), in training and
+            evaluation alike.
         support_norm: outside training (validation, test, ``evaluate``; whether or not the tower is frozen), the
             image tower's BatchNorm layers normalise each task with its support images' statistics (AdaBN on the
             support set; ``towers.base.support_statistics``) instead of their running statistics. Training
@@ -82,6 +103,8 @@ class EncoderConfig:
     condition_text: bool = True
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    residual_image_head: bool = False
+    center_support: bool = False
     support_norm: bool = False
     grad_checkpointing: bool = False
 
@@ -113,7 +136,7 @@ class DomainConditionedCLIP(nn.Module):
         self.num_domains = num_domains
         self.film_image = FiLM(config.domain_dim, img_dim) if config.condition_image else None
         self.film_text = FiLM(config.domain_dim, txt_dim) if config.condition_text else None
-        self.head_image = ProjectionHead(img_dim, config.hidden_dim, config.embed_dim)
+        self.head_image = ProjectionHead(img_dim, config.hidden_dim, config.embed_dim, config.residual_image_head)
         self.head_text = ProjectionHead(txt_dim, config.hidden_dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self._text_cache: dict[str, torch.Tensor] = {}  # prompt -> features of a frozen text tower
