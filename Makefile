@@ -21,7 +21,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 CKPT    ?= $(shell ls -t logs/*/version_*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 
-.PHONY: help install data train eval bench test test-fast tensorboard clean
+.PHONY: help install data train eval bench study test test-fast tensorboard clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -72,15 +72,23 @@ eval: install ## Few-shot table of CKPT (default: the newest last.ckpt), every m
 	@test -n "$(CKPT)" || { echo "make eval: no checkpoint under logs/; run 'make train' first or pass CKPT=path/to.ckpt"; exit 1; }
 	$(PY) -m metacontrastive evaluate --ckpt $(CKPT) $(ARGS)
 
+STUDY_DATA ?= ../shared/data
+STUDY_OUT  ?= results/study
+
+study: install ## The cross-domain study on pretrained towers: every preset x 3 seeds x every method (bench/study.py; STUDY_DATA, STUDY_OUT, ARGS)
+	$(PY) bench/study.py --data $(STUDY_DATA) --out $(STUDY_OUT) $(ARGS)
+
 test: install ## Run the test suite (all of it, slow tests included)
 	$(PY) -m pytest
 
 test-fast: install ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
-bench: install ## Speed benchmarks: meta-step vs plain step, memory, scaling, loader vs training (tables in bench/results/)
+bench: install ## Speed benchmarks: meta-step vs plain step, memory, scaling, loader vs training, feature cache, evaluation (tables in bench/results/)
 	$(PY) bench/speed.py --out bench/results $(ARGS)
 	$(PY) bench/data_throughput.py --out bench/results
+	$(PY) bench/feature_cache.py --out bench/results
+	$(PY) bench/evaluate_speed.py
 
 tensorboard: install ## Serve the TensorBoard logs in logs/ on port 6006
 	$(VENV)/bin/tensorboard --logdir logs --port 6006

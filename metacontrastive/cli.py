@@ -45,10 +45,15 @@ def quiet_library_warnings() -> None:
     - Lightning warns of any ``IterableDataset`` with a ``__len__`` that its length may be wrong with loader
       workers. ``MetaBatchStream`` (``data/tasks.py``) splits its batches among the workers, so its length is
       exact, and the progress bar and ``max_steps`` epochs need it.
+    - Lightning counts the modules in eval mode when training starts: a frozen tower (``Tower.freeze``) stays in
+      eval mode on purpose (its BatchNorm statistics and dropout fixed), so every run on pretrained towers would
+      print it.
     """
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined",
+                            module=r"lightning\.pytorch\.")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
                             module=r"lightning\.pytorch\.")
 
 
