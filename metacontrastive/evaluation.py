@@ -53,7 +53,7 @@ from tqdm import tqdm
 from metacontrastive.data.episodes import Task
 from metacontrastive.data.tasks import FixedEpisodes
 from metacontrastive.losses import contrastive_loss
-from metacontrastive.meta import TaskView, adapt_and_score, class_means
+from metacontrastive.meta import TaskView, adapt_and_score, class_means, func_batchable, func_predictions
 from metacontrastive.metrics import COLLAPSE, EpisodeMean, episode_scores, mean_cosine
 from metacontrastive.models.clip import ProjectionHead
 
@@ -497,9 +497,13 @@ def _model_path(model: nn.Module, p: Copies, modality: str, conds: torch.Tensor)
     return _Path.of(getattr(model, f"head_{modality}"), p, f"head_{modality}.", film)
 
 
-def _dcmcl(ep: Episode, opts: EvalOptions) -> torch.Tensor:
-    steps = ep.module.eval_steps if opts.inner_steps is None else opts.inner_steps
-    return adapt_and_score(ep.module.learner, ep.view, steps, first_order=True).predictions()
+def _dcmcl(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
+    module = episodes[0].module
+    steps = module.eval_steps if opts.inner_steps is None else opts.inner_steps
+    views = [ep.view for ep in episodes]
+    if steps > 0 and func_batchable(views):  # the chunk's inner loops at once (torch.func; the same adapted weights)
+        return func_predictions(module.learner, views, steps)
+    return torch.stack([adapt_and_score(module.learner, view, steps, first_order=True).predictions() for view in views])
 
 
 Method = Callable[[list[Episode], EvalOptions], torch.Tensor]  # episodes of one set -> (B, Q) predictions
@@ -520,7 +524,7 @@ METHODS: dict[str, Method] = {
     "tip_adapter": _each(_tip_adapter),
     "projection": _projection,
     "finetune": _finetune,
-    "dcmcl": _each(_dcmcl),
+    "dcmcl": _dcmcl,
 }
 
 

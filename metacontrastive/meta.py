@@ -33,7 +33,7 @@ with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, whic
 
 __all__ = ["ADAPT_SCOPES", "ALGORITHMS", "ENGINES", "AdaptScope", "Adapted", "Algorithm", "Engine", "FunctionalParts",
            "Rows", "TaskView", "adapt", "adapt_and_score", "batch_features", "blend_domains", "build_learner",
-           "class_means", "func_adapt_and_score", "func_batchable", "task_cached", "task_images", "towers_batch"]
+           "class_means", "func_adapt_and_score", "func_batchable", "func_predictions", "task_cached", "task_images", "towers_batch"]
 
 ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
     "film": ("film_image", "film_text"),
@@ -355,15 +355,17 @@ def func_batchable(views: list[TaskView]) -> bool:
 
 
 def func_adapt_and_score(
-    learner: MAML | MetaSGD, views: list[TaskView], steps: int, first_order: bool | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    learner: MAML | MetaSGD, views: list[TaskView], steps: int, first_order: bool | None = None,
+    with_labels: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """``adapt_and_score`` for a whole meta-batch at once with torch.func: ``grad`` for the inner steps and
     ``vmap`` over the tasks, from the same fast weights and learning rates as the learner's (the outer
     gradients equal learn2learn's; ``tests/test_meta.py``). The tasks must be ``func_batchable``.
 
     Returns:
         (T,) query losses, (T, Q, D) adapted query image embeddings, (T,) support losses before the first
-        step (detached; the query loss when ``steps`` is 0).
+        step (detached; the query loss when ``steps`` is 0), and with ``with_labels`` (T, m, D) the adapted
+        embeddings of the labels the queries point at (``Rows.texts`` of the query rows).
     """
     first_order = learner.first_order if first_order is None else first_order
     parts = learner.module  # a ModuleDict: parameter names are "<part>.<parameter>"
@@ -391,13 +393,24 @@ def func_adapt_and_score(
             fast = {name: fast[name] - rates[name] * (grads[name].detach() if first_order else grads[name])
                     for name in fast}
         view = view_of(h_image, h_text, row)
-        loss, z_query, _ = view.loss(view.query, FunctionalParts(parts, fast))
-        return loss, z_query, (first_loss if first_loss is not None else loss)
+        loss, z_query, z_text = view.loss(view.query, FunctionalParts(parts, fast))
+        return loss, z_query, (first_loss if first_loss is not None else loss), z_text
 
     h_image = torch.stack([v._features[0] for v in views])  # (T, S + Q, F_I)
     h_text = torch.stack([v._features[1] for v in views])  # (T, M, F_T)
     rows = torch.tensor([v.domain_row for v in views], device=h_image.device)  # (T,)
     kernel = contextlib.nullcontext() if first_order else sdpa_kernel(SDPBackend.MATH)
     with torch.enable_grad(), kernel:
-        losses, z_query, support_losses = torch.func.vmap(one_task)(h_image, h_text, rows)
+        losses, z_query, support_losses, z_text = torch.func.vmap(one_task)(h_image, h_text, rows)
+    if with_labels:
+        return losses, z_query, support_losses.detach(), z_text
     return losses, z_query, support_losses.detach()
+
+
+def func_predictions(learner: MAML | MetaSGD, views: list[TaskView], steps: int) -> torch.Tensor:
+    """(T, Q) each query's nearest adapted label after ``steps`` first-order inner steps, for tasks that are
+    ``func_batchable``: ``Adapted.predictions`` of ``adapt_and_score`` for a whole chunk of episodes at once."""
+    with torch.no_grad():
+        _, z_query, _, z_text = func_adapt_and_score(learner, views, steps, first_order=True, with_labels=True)
+    text_ids = views[0].query.texts  # the same label layout in every task
+    return text_ids[(z_query @ z_text.transpose(1, 2)).argmax(dim=2)]  # (T, Q)

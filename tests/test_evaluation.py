@@ -258,6 +258,15 @@ def test_dcmcl_is_the_meta_step_adaptation_and_zero_steps_is_zero_shot(module):
     assert torch.equal(predict("dcmcl", [episode], EvalOptions(inner_steps=0)), predict("zero_shot", [episode]))
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_dcmcl_adapts_a_chunk_at_once_as_each_episode_alone(either_module, steps):
+    """A chunk's inner loops run together (torch.func) and predict what learn2learn's one-by-one adaptation does."""
+    episodes = [Episode.of(either_module, _task(seed=s, noise=0.5), s % 2) for s in range(5)]
+    alone = torch.stack([adapt_and_score(either_module.learner, ep.view, steps, first_order=True).predictions()
+                         for ep in episodes])
+    assert torch.equal(predict("dcmcl", episodes, EvalOptions(inner_steps=steps)), alone)
+
+
 @pytest.fixture(scope="module")
 def episode_sets(demo_root):
     dm = EpisodicDataModule(root=str(demo_root), **SMALL)
