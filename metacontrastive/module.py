@@ -25,8 +25,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from metacontrastive.checks import check_options, score_warnings, structure
 from metacontrastive.data.episodes import Task
-from metacontrastive.errors import BadInput
 from metacontrastive.losses import Alignment, alignment_loss
 from metacontrastive.meta import (
     ADAPT_SCOPES, AdaptScope, Algorithm, Engine, TaskView, adapt_and_score, batch_features, blend_domains,
@@ -39,55 +39,6 @@ __all__ = ["MetaContrastiveModule", "TaskResult"]
 
 # as in open_clip: no weight decay on gains, biases, embeddings or the temperature
 _NO_DECAY = ("bias", "norm", "logit_scale", "embed", "domain", "position", "token")
-
-
-def _structure(hparams: dict) -> dict:
-    """The options that decide which tensors a checkpoint holds, and their shapes."""
-    encoder = hparams.get("encoder") or {}
-    shapes = ("image_tower", "text_tower", "embed_dim", "hidden_dim", "domain_dim", "condition_image", "condition_text")
-    return {"domains": hparams.get("domains"), "algorithm": hparams.get("algorithm"),
-            "adapt_scope": hparams.get("adapt_scope"), "prototype_prompts": hparams.get("prototype_prompts") is not None,
-            **{f"encoder.{key}": encoder.get(key) for key in shapes}}
-
-
-def _check_options(options: dict) -> None:
-    """Refuse settings that cannot mean anything, before any work starts, naming the option and its range."""
-    def refuse(name: str, why: str) -> None:
-        raise ValueError(f"model.{name}={options[name]!r}: {why}")
-
-    domains = options["domains"]
-    if not domains or len(set(domains)) != len(domains):
-        refuse("domains", "name at least one domain, each once")
-    if options["inner_steps"] < (1 if options["method"] == "dcmcl" else 0):
-        refuse("inner_steps", "the dcmcl method adapts on every support set: use 1 or more (method=contrastive "
-                              "trains without an inner loop)" if options["method"] == "dcmcl" else "use 0 or more")
-    if options["eval_inner_steps"] is not None and options["eval_inner_steps"] < 0:
-        refuse("eval_inner_steps", "use 0 or more (0 scores the meta-learned initialisation), or null for inner_steps")
-    for name in ("inner_lr", "lr"):
-        if not math.isfinite(options[name]) or options[name] <= 0:
-            refuse(name, "a learning rate must be a finite number above 0")
-    for name in ("tower_lr", "domain_lr", "metasgd_lr"):
-        if options[name] is not None and (not math.isfinite(options[name]) or options[name] <= 0):
-            refuse(name, "a learning rate must be a finite number above 0, or null for model.lr")
-    if not 0.0 <= options["domain_dropout"] <= 1.0:
-        refuse("domain_dropout", "a probability: use a value in [0, 1]")
-    for name in ("align_weight", "weight_decay", "warmup_steps", "align_warmup_steps"):
-        if options[name] < 0:
-            refuse(name, "use 0 or more")
-
-
-def _warnings(means: dict[str, float], acc_ci95: float) -> list[str]:
-    """What a domain's mean evaluation scores say is wrong: collapse, an inner loop that raises the support
-    loss, accuracy at chance after adaptation."""
-    out = [f"collapsing: {key} = {means[key]:.3f} > {limit} (see {key} under */collapse/ in TensorBoard; try a lower "
-           "model.inner_lr or model.lr)" for key, limit in COLLAPSE.items() if means[key] > limit]
-    if means["support_gain"] < 0:
-        out.append(f"the inner loop raises the support loss by {-means['support_gain']:.3f} on average: model.inner_lr "
-                   "is too large for these fast weights")
-    if means["acc"] - means["chance"] <= acc_ci95:
-        out.append(f"accuracy after adaptation, {100 * means['acc']:.1f}% +- {100 * acc_ci95:.1f}, is at chance "
-                   f"({100 * means['chance']:.1f}%): the inner loop cannot help yet")
-    return out
 
 
 @dataclass
@@ -187,7 +138,7 @@ class MetaContrastiveModule(L.LightningModule):
         nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
-        _check_options(locals())
+        check_options(locals())
         if isinstance(encoder, dict):  # as stored in a checkpoint's hyperparameters
             encoder = EncoderConfig(**encoder)
         self.save_hyperparameters(ignore=["encoder"])
@@ -414,31 +365,22 @@ class MetaContrastiveModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         # a frozen pretrained tower is rebuilt from its name when the checkpoint loads: store its digest, not its weights
-        checkpoint["frozen_towers"] = {}
-        for name in ("image_tower", "text_tower"):
-            tower = getattr(self.model, name)
-            if tower.frozen and tower.pretrained:
-                prefix = f"model.{name}."
-                for key in [k for k in checkpoint["state_dict"] if k.startswith(prefix)]:
-                    del checkpoint["state_dict"][key]
-                checkpoint["frozen_towers"][name] = self.model.digest(name)
+        checkpoint["frozen_towers"] = self.model.frozen_tower_digests()
+        for name in checkpoint["frozen_towers"]:
+            for key in [k for k in checkpoint["state_dict"] if k.startswith(f"model.{name}.")]:
+                del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        theirs, ours = _structure(checkpoint.get("hyper_parameters", {})), _structure(dict(self.hparams))
+        theirs, ours = structure(checkpoint.get("hyper_parameters", {})), structure(dict(self.hparams))
         differ = [f"{key}: {theirs[key]!r} in the checkpoint, {ours[key]!r} here" for key in ours if theirs[key] != ours[key]]
         if differ:
             raise ValueError("the checkpoint was trained with another model configuration (" + "; ".join(differ) +
                              "): run with that run's config.yaml (-c <run>/config.yaml), or start a new run")
         self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
-        for name, digest in checkpoint.get("frozen_towers", {}).items():  # rebuilt from its name: the same weights?
-            tower = getattr(self.model, name)
-            if not tower.frozen or self.model.digest(name) != digest:
-                raise BadInput(f"the checkpoint's {name} ({self.model.config.image_tower if name == 'image_tower' else self.model.config.text_tower}) "
-                               f"had weights with digest {digest[:16]}, but the tower built here has "
-                               f"{self.model.digest(name)[:16] if tower.frozen else 'trainable weights'}: install the weights "
-                               "it was trained with (the same weights package or file), or retrain")
-            prefix = f"model.{name}."
-            checkpoint["state_dict"].update({prefix + key: value for key, value in tower.state_dict().items()})
+        towers = checkpoint.get("frozen_towers", {})
+        self.model.check_frozen_towers(towers)  # rebuilt from their names: the same weights?
+        for name in towers:
+            checkpoint["state_dict"].update({f"model.{name}.{k}": v for k, v in getattr(self.model, name).state_dict().items()})
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # A run whose max_steps ends mid-epoch would stop without validating; asking to stop at the
@@ -485,7 +427,7 @@ class MetaContrastiveModule(L.LightningModule):
             self.log(f"{stage}/inner/support_gain/{name}", results["support_gain"]["mean"])
             means.append(results["acc"]["mean"])
             if not self.trainer.sanity_checking:
-                for message in _warnings({k: float(v["mean"]) for k, v in results.items()}, float(results["acc"]["ci95"])):
+                for message in score_warnings({k: float(v["mean"]) for k, v in results.items()}, float(results["acc"]["ci95"])):
                     rank_zero_warn(f"{stage} domain {name!r}: {message}")
         if means:
             self.log(f"{stage}/acc", torch.stack(means).mean(), prog_bar=True)

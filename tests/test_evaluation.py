@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from metacontrastive import evaluation
+from metacontrastive import evaluation, stacked
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.episodes import Task
 from metacontrastive.evaluation import METHODS, Episode, EvalOptions, evaluate, logistic_regression, predict
@@ -194,13 +194,13 @@ def test_the_stacked_copies_compute_the_models_own_embeddings(either_module):
     g = torch.Generator().manual_seed(0)
     h_image, h_text = torch.randn(2, 7, 128, generator=g), torch.randn(2, 3, 128, generator=g)  # (B, n, F)
     conds = torch.stack([evaluation._conditioning(model, row) for row in (0, 1)])  # (B, C), a domain per copy
-    p = evaluation._copies(evaluation._finetuned(model), 2)
+    p = stacked.stacked_copies(evaluation._finetuned(model), 2)
     for modality, h, embed in (("image", h_image, model.embed_image), ("text", h_text, model.embed_text)):
-        stacked = evaluation._model_path(model, p, modality, conds).forward(h)
-        assert torch.allclose(stacked, torch.stack([embed(h[0], 0), embed(h[1], 1)]), atol=1e-6)
+        out = stacked.model_path(model, p, modality, conds).forward(h)
+        assert torch.allclose(out, torch.stack([embed(h[0], 0), embed(h[1], 1)]), atol=1e-6)
     heads = evaluation._FreshHeads(128, 128, 16, 8)
-    q = evaluation._copies(heads, 2)
-    assert torch.allclose(evaluation._Path.of(heads.image, q, "image.").forward(h_image),
+    q = stacked.stacked_copies(heads, 2)
+    assert torch.allclose(stacked.LayerPath.of(heads.image, q, "image.").forward(h_image),
                           F.normalize(heads.image(h_image), dim=-1), atol=1e-6)
 
 
@@ -216,9 +216,9 @@ def test_stacked_training_is_plain_pytorch_training_of_each_copy(either_module):
     conds = torch.randn(episodes, model.domain.table.weight.shape[1], generator=g, dtype=torch.float64)  # (B, C)
     scale = model.scale().detach()
     parts = evaluation._finetuned(model)
-    p = evaluation._copies(parts, episodes)
-    evaluation._train_copies(p, evaluation._model_path(model, p, "image", conds), support,
-                             evaluation._model_path(model, p, "text", conds), texts, scale, labels, steps, lr)
+    p = stacked.stacked_copies(parts, episodes)
+    stacked.train_copies(p, stacked.model_path(model, p, "image", conds), support,
+                             stacked.model_path(model, p, "text", conds), texts, scale, labels, steps, lr)
     for b in range(episodes):
         alone = copy.deepcopy(parts)
         optimizer = torch.optim.Adam(alone.parameters(), lr=lr, foreach=False)
@@ -231,24 +231,24 @@ def test_stacked_training_is_plain_pytorch_training_of_each_copy(either_module):
             optimizer.step()
         for name, value in alone.named_parameters():
             assert not torch.equal(value, dict(parts.named_parameters())[name])  # it trained
-            stacked = p[name][b].t() if value.ndim == 2 else p[name][b]  # weights are stored (in, out)
-            torch.testing.assert_close(stacked, value.detach(), rtol=1e-9, atol=1e-11)
+            copy_b = p[name][b].t() if value.ndim == 2 else p[name][b]  # weights are stored (in, out)
+            torch.testing.assert_close(copy_b, value.detach(), rtol=1e-9, atol=1e-11)
     assert all(param.grad is None for param in model.parameters())
 
 
 def test_frozen_parts_are_shared_views_and_stay_untrained():
     heads = evaluation._FreshHeads(6, 5, 4, 3)
     heads.text.requires_grad_(False)
-    p = evaluation._copies(heads, 2)
+    p = stacked.stacked_copies(heads, 2)
     assert all(p[k].requires_grad and p[k].grad is not None for k in p if k.startswith("image."))
     assert not any(p[k].requires_grad for k in p if k.startswith("text."))
     before = {k: v.clone() for k, v in p.items()}
-    evaluation._train_copies(p, evaluation._Path.of(heads.image, p, "image."), torch.randn(2, 4, 6),
-                             evaluation._Path.of(heads.text, p, "text."), torch.randn(2, 2, 5), 10.0,
+    stacked.train_copies(p, stacked.LayerPath.of(heads.image, p, "image."), torch.randn(2, 4, 6),
+                             stacked.LayerPath.of(heads.text, p, "text."), torch.randn(2, 2, 5), 10.0,
                              torch.tensor([0, 0, 1, 1]), steps=3, lr=0.1)
     assert all(torch.equal(p[k], before[k]) == k.startswith("text.") for k in p)
     with pytest.raises(TypeError, match="only Linear layers"):
-        evaluation._copies(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), 2)
+        stacked.stacked_copies(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), 2)
 
 
 def test_dcmcl_is_the_meta_step_adaptation_and_zero_steps_is_zero_shot(module):

@@ -104,7 +104,7 @@ def test_meaningless_settings_are_refused_naming_option_and_range(options, messa
 
 
 def test_validation_warns_when_the_inner_loop_cannot_help():
-    from metacontrastive.module import _warnings
+    from metacontrastive.checks import score_warnings as _warnings
     healthy = {"acc": 0.8, "chance": 0.2, "support_gain": 0.3, "label_cos": 0.5, "image_cos": 0.5, "constant": 0.0}
     assert _warnings(healthy, acc_ci95=0.02) == []
     exploding = _warnings({**healthy, "support_gain": -4.0}, 0.02)

