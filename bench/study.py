@@ -1,0 +1,364 @@
+"""The cross-domain study (``make study``): does DCMCL help few-shot adaptation on pretrained towers, against what
+people use today, on the near domains and on the far ones?
+
+One command, from the raw folders of ``--data`` (``../shared/data``, see its README) to a table and plots:
+
+1. **convert** each domain at ``--size`` px with class-disjoint splits (``natural`` CIFAR-10, ``aerial`` AID,
+   ``textures`` DTD, ``skin`` HAM10000 as training domains with train / val / test classes; ``mri``, the brain
+   MRI ``Testing/`` folder, test-only: a domain no model trains on, adapted from the ``unknown`` embedding);
+2. **cache** the frozen image tower's features of every split once (``metacontrastive.data.features``);
+3. **train** every preset of ``--presets`` for every seed of ``--seeds`` on the frozen towers
+   (``conf/pretrained.yaml``, then ``conf/ablations/<preset>.yaml``, then ``conf/study/<preset>.yaml`` if present);
+4. **evaluate** every method on the same seeded test episodes of every domain (``--episodes`` per domain and
+   shots; with ``--variable``, also Meta-Dataset's variable-way variable-shot episodes): the methods that read no
+   trained weights (pixels, the two feature baselines, the projection baseline) once, the others per run;
+5. **report**: ``results.md`` (mean over seeds ± the 95% Student-t interval across seeds; a method that trains
+   nothing keeps its episode interval), the paired difference of DCMCL against the best baseline of each domain,
+   seed by seed, ``results.json`` and plots (accuracy against shots per domain; the paired differences), and
+   ``f1.md``: the second seed paper's claim, the projection's macro-F1 against the frozen features' own
+   baselines. Training and evaluation times are in ``results.json``.
+
+Everything that can be reused is: converted shards and their manifests (``--work``), the feature cache (beside
+the shards), and trained runs (``--work``/logs: a run whose ``last.ckpt`` exists is evaluated, not retrained,
+unless ``--retrain``).
+
+Usage:
+    python bench/study.py [--data ../shared/data] [--work runs/study] [--out results/study] [--seeds 0,1,2]
+        [--presets contrastive,conditioned,maml,full,projection,recipe] [--steps 300] [--episodes 600] [--shots 1,5]
+        [--variable] [--domains natural,aerial,textures,skin,mri]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import re
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import scipy.stats
+import torch
+
+from metacontrastive.cli import MetaCLI, quiet_library_warnings
+from metacontrastive.data import readers
+from metacontrastive.data.datamodule import EpisodicDataModule
+from metacontrastive.data.manifest import MANIFEST
+from metacontrastive.data.prepare import write_domain
+from metacontrastive.data.tasks import VariableShape
+from metacontrastive.evaluation import METHODS, Result, evaluate
+from metacontrastive.module import MetaContrastiveModule
+from metacontrastive.reporting import markdown_table, plot_accuracy_vs_shots, write_results
+
+PRESETS = ("contrastive", "conditioned", "maml", "full", "projection", "recipe")
+UNTRAINED = ("pixels", "feature_centroid", "feature_probe", "projection")  # read no trained weight: scored once
+TRAINED = ("zero_shot", "prototype", "linear_probe", "tip_adapter", "finetune", "dcmcl")
+BASELINES = ("feature_centroid", "feature_probe", "finetune", "tip_adapter", "projection")  # what DCMCL must beat
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain of the study: where its images are and how they become shards.
+
+    Attributes:
+        name: the domain's name in the shards and the tables.
+        folder: its image folder under ``--data``.
+        template: the class prompt template.
+        near: a domain close to ImageNet photographs (natural, aerial, textures), else far (skin, MRI).
+        labels: readable class names for folder names (CamelCase folders are split into words).
+        split: train, val, test fractions of the classes (seeded), or None for a test-only domain.
+    """
+
+    name: str
+    folder: str
+    template: str
+    near: bool
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    split: tuple[float, float, float] | None = (0.6, 0.2, 0.2)
+
+
+DOMAINS = (
+    Domain("natural", "cifar10-test", "a photo of a {label}", near=True),
+    Domain("aerial", "aid-aerial", "an aerial photograph of {label}", near=True),
+    Domain("textures", "dtd-textures", "a photo of a {label} texture", near=True),
+    Domain("skin", "ham10000-skin", "a dermoscopy image of {label}", near=False, split=(3 / 7, 2 / 7, 2 / 7), labels={
+        "akiec": "actinic keratosis", "bcc": "basal cell carcinoma", "bkl": "benign keratosis", "df": "dermatofibroma",
+        "mel": "melanoma", "nv": "melanocytic nevus", "vasc": "vascular lesion"}),
+    Domain("mri", "brain-tumor-mri/Testing", "a brain MRI showing {label}", near=False, split=None,
+           labels={"notumor": "no tumor"}),
+)
+
+
+def _readable(name: str) -> str:
+    """``DenseResidential`` -> ``dense residential``; other names unchanged."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower() if re.search(r"[a-z][A-Z]", name) else name
+
+
+def convert(domain: Domain, args: argparse.Namespace) -> float:
+    """Write ``domain``'s shards under ``--work``/shards unless shards of these settings exist; seconds taken."""
+    source = (f"study:{domain.folder} size={args.size} per_class={args.per_class} split={domain.split} "
+              f"seed={args.split_seed}")
+    manifest = args.shards / domain.name / MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text())["source"] == source:
+        return 0.0
+    start = time.perf_counter()
+    items = readers.read_imagefolder(args.data / domain.folder)
+    rng = random.Random(args.split_seed)
+    by_class: dict[str, list] = {}
+    for item in items:
+        by_class.setdefault(item.label, []).append(item)
+    kept = []
+    for folder_name, group in sorted(by_class.items()):
+        chosen = rng.sample(group, min(len(group), args.per_class))  # a per-class cap keeps the imbalance below it
+        kept += [dataclasses.replace(i, label=domain.labels.get(folder_name, _readable(folder_name))) for i in chosen]
+    lists = None if domain.split is not None else {"test": sorted({i.label for i in kept})}
+    write_domain(kept, domain.name, args.shards, source=source, templates=[domain.template],
+                 class_fractions=domain.split or (0.6, 0.2, 0.2), class_lists=lists, size=args.size,
+                 image_format="jpg", seed=args.split_seed, overwrite=True)
+    return time.perf_counter() - start
+
+
+def fit_args(preset: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The CLI arguments of one run: default + pretrained recipe, the ablation preset, the study's own settings of
+    that preset (``conf/study/<preset>.yaml``), then the domains, budget and seed."""
+    configs = ["-c", str(CONF / "default.yaml"), "-c", str(CONF / "pretrained.yaml")]
+    if (CONF / "ablations" / f"{preset}.yaml").exists():
+        configs += ["-c", str(CONF / "ablations" / f"{preset}.yaml")]
+    if (CONF / "study" / f"{preset}.yaml").exists():
+        configs += ["-c", str(CONF / "study" / f"{preset}.yaml")]
+    train = [d.name for d in args.domains if d.split is not None]
+    return configs + [
+        f"--data.domains=[{','.join(train)}]", f"--data.val_domains=[{','.join(train)}]",
+        f"--data.test_domains=[{','.join(d.name for d in args.domains)}]", f"--data.root={args.shards}",
+        f"--data.ways={args.ways}", f"--data.eval_ways={args.eval_ways}", "--data.feature_cache=on",
+        f"--trainer.max_steps={args.steps}", f"--trainer.logger.init_args.save_dir={args.work / 'logs'}",
+        f"--trainer.logger.init_args.name={preset}", f"--trainer.logger.init_args.version=seed{seed}",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--seed_everything={seed}",
+        f"--data.seed={seed}", *([] if args.callbacks else ["--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]),
+        *[f"--{s}" for s in args.set]]
+
+
+def train(preset: str, seed: int, args: argparse.Namespace) -> tuple[MetaContrastiveModule, EpisodicDataModule, dict]:
+    """Train one run (or load its finished ``last.ckpt``); the module, its data module and the run's record."""
+    cli = MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False, args=fit_args(preset, seed, args),
+                  trainer_defaults={"inference_mode": False}, save_config_kwargs={"overwrite": True})
+    last = args.work / "logs" / preset / f"seed{seed}" / "checkpoints" / "last.ckpt"
+    start = time.perf_counter()
+    if last.exists() and not args.retrain:
+        module = MetaContrastiveModule.load_from_checkpoint(last)
+        trained = False
+    else:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        module, trained = cli.model, True
+        cli.trainer.save_checkpoint(last, weights_only=False)
+    val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/acc")}
+    record = {"preset": preset, "seed": seed, "steps": args.steps, "trained": trained,
+              "fit_s": time.perf_counter() - start, "val": val}
+    return module, cli.datamodule, record
+
+
+def episode_sets(module: MetaContrastiveModule, datamodule: EpisodicDataModule, args: argparse.Namespace) -> list:
+    """The test episodes of every domain: the same for every run (seeded by the evaluation seed alone)."""
+    datamodule.setup("test")
+    datamodule.attach(module.model.frozen_image_tower(module.towers_adapt), progress=False)
+    variable = VariableShape(max_ways=args.eval_ways, max_shots=20, max_support=100, queries=10) if args.variable else None
+    return datamodule.episode_sets("test", args.shots, args.episodes, labelled_only=True, variable=variable)
+
+
+def over_seeds(rows: list[tuple[int, Result]]) -> list[Result]:
+    """A row per (label, domain, shots): the mean over seeds ± the 95% Student-t interval across them; a row
+    scored once (a method that trains nothing) keeps its episode interval."""
+    groups: dict[tuple, list[Result]] = {}
+    for _, r in rows:
+        groups.setdefault((r.method, r.domain, r.shots), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        t = scipy.stats.t.ppf(0.975, len(group) - 1)
+        ci = {k: t * statistics.stdev(getattr(r, k) for r in group) / len(group) ** 0.5 for k in ("acc", "f1")}
+        out.append(dataclasses.replace(group[0], acc=statistics.mean(r.acc for r in group), acc_ci95=ci["acc"],
+                                       f1=statistics.mean(r.f1 for r in group), f1_ci95=ci["f1"]))
+    return out
+
+
+def _kind(label: str) -> str:
+    """The method of a row label: ``full/dcmcl`` -> ``dcmcl``; ``feature_probe`` -> ``feature_probe``."""
+    return label.rpartition("/")[2]
+
+
+def verdict(rows: list[tuple[int, Result]], table: list[Result], method: str, args: argparse.Namespace) -> tuple[str, list]:
+    """Markdown: per domain and shots, ``method`` (e.g. ``recipe/dcmcl``) against the best baseline (the highest
+    mean among ``BASELINES`` rows of any preset), paired over seeds on the same episodes, and the verdict.
+
+    Returns:
+        The markdown and the rows (domain, shots, best baseline, mean difference, its interval, per seed).
+    """
+    acc = {(seed, r.method, r.domain, r.shots): r.acc for seed, r in rows}
+    mean = {(r.method, r.domain, r.shots): r for r in table}
+    near = {d.name: d.near for d in args.domains}
+    lines = [f"| domain | shots | {method} | best baseline | baseline | difference (points) | per seed | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    out = []
+    for (label, domain, shots), r in mean.items():
+        if label != method:
+            continue
+        candidates = [m for (m, d, k) in mean if d == domain and k == shots and _kind(m) in BASELINES and m != method]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda m: mean[m, domain, shots].acc)
+        seeds = sorted(s for s, m, d, k in acc if (m, d, k) == (method, domain, shots))
+        # a baseline scored once (it trains nothing) is the same in every seed
+        base = {s: acc.get((s, best, domain, shots), next(a for (_, m, d, k), a in acc.items()
+                                                           if (m, d, k) == (best, domain, shots))) for s in seeds}
+        diff = [100 * (acc[s, method, domain, shots] - base[s]) for s in seeds]
+        half = (scipy.stats.t.ppf(0.975, len(diff) - 1) * statistics.stdev(diff) / len(diff) ** 0.5) if len(diff) > 1 else float("nan")
+        b = mean[best, domain, shots]
+        apart = r.acc - r.acc_ci95 > b.acc + b.acc_ci95
+        within = 100 * (r.acc - b.acc) >= -1.0
+        verdict_text = (("wins: intervals apart" if apart else "level or below") if not near[domain] else
+                        ("within 1 point or above" if within else "more than 1 point below"))
+        lines.append(f"| {domain} | {shots if shots else 'variable'} | {100 * r.acc:.1f} ± {100 * r.acc_ci95:.1f} | {best} | "
+                     f"{100 * b.acc:.1f} ± {100 * b.acc_ci95:.1f} | {statistics.mean(diff):+.1f} ± {half:.1f} | "
+                     + ", ".join(f"{s}: {d:+.1f}" for s, d in zip(seeds, diff)) + f" | {verdict_text} |")
+        out.append({"domain": domain, "shots": shots, "method": method, "best_baseline": best, "acc": r.acc,
+                    "acc_ci95": r.acc_ci95, "baseline_acc": b.acc, "baseline_ci95": b.acc_ci95,
+                    "difference": statistics.mean(diff), "difference_ci95": half, "per_seed": diff, "verdict": verdict_text})
+    return "\n".join(lines) + "\n", out
+
+
+def f1_claim(table: list[Result]) -> str:
+    """Markdown: the second seed paper's claim, measured: macro-F1 of the projection trained on the frozen features
+    (the ``projection`` preset's own embeddings, and the ``projection`` method's fresh heads) against the frozen
+    features' nearest centroid and logistic regression."""
+    rows = {(r.method, r.domain, r.shots): r for r in table}
+    lines = ["| domain | shots | feature_centroid F1 | feature_probe F1 | projection preset (prototype) F1 | "
+             "projection method F1 | best projection - best feature baseline (points) |", "|---|---|---|---|---|---|---|"]
+    for (method, domain, shots), centroid in rows.items():
+        if method != "feature_centroid":
+            continue
+        probe = rows.get(("feature_probe", domain, shots))
+        preset = rows.get(("projection/prototype", domain, shots))
+        fresh = rows.get(("projection", domain, shots))
+        best_feature = max(centroid.f1, probe.f1 if probe else 0.0)
+        best_projection = max([r.f1 for r in (preset, fresh) if r is not None], default=float("nan"))
+        cells = [f"{100 * r.f1:.1f} ± {100 * r.f1_ci95:.1f}" if r is not None else "" for r in (centroid, probe, preset, fresh)]
+        lines.append(f"| {domain} | {shots if shots else 'variable'} | " + " | ".join(cells)
+                     + f" | {100 * (best_projection - best_feature):+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_differences(decisions: list[dict], path: Path) -> None:
+    """A bar per domain and shots: DCMCL minus the best baseline, with the interval across seeds."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(decisions)), 4))
+    labels = [f"{d['domain']}\n{d['shots'] if d['shots'] else 'var'}-shot" for d in decisions]
+    ax.bar(range(len(decisions)), [d["difference"] for d in decisions], yerr=[d["difference_ci95"] for d in decisions],
+           capsize=4, color=["tab:green" if d["difference"] > 0 else "tab:red" for d in decisions])
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xticks(range(len(decisions)), labels)
+    ax.set_ylabel("accuracy difference (points)")
+    ax.set_title(f"{decisions[0]['method']} minus the best baseline, paired over seeds" if decisions else "")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data", help="the raw image folders (see ../shared/data/README.md)")
+    parser.add_argument("--work", default="runs/study", help="shards, feature cache and runs (reused by a later call)")
+    parser.add_argument("--out", default="results/study", help="folder for the table, results.json and plots")
+    parser.add_argument("--domains", default=",".join(d.name for d in DOMAINS), help="from " + ", ".join(d.name for d in DOMAINS))
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run")
+    parser.add_argument("--episodes", type=int, default=600, help="test episodes per domain and shots")
+    parser.add_argument("--shots", default="1,5")
+    parser.add_argument("--ways", type=int, default=3, help="classes per training task (skin has 3 training classes)")
+    parser.add_argument("--eval-ways", type=int, default=5, help="classes per test episode, capped per domain")
+    parser.add_argument("--variable", action="store_true", help="also variable-way variable-shot test episodes")
+    parser.add_argument("--methods", default=",".join(UNTRAINED + TRAINED), help=f"from {list(METHODS)}")
+    parser.add_argument("--decide", default="recipe/dcmcl", help="the method judged against the best baseline")
+    parser.add_argument("--size", type=int, default=128, help="image side of the shards")
+    parser.add_argument("--per-class", type=int, default=300, help="images kept per class when converting")
+    parser.add_argument("--split-seed", type=int, default=0, help="seeds the class splits and the per-class cap")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a CLI override for every run")
+    parser.add_argument("--callbacks", action="store_true", help="train with conf/default.yaml's callbacks (diagnostics "
+                        "in TensorBoard, checkpoints; slower)")
+    parser.add_argument("--finetune-presets", default="contrastive,recipe", help="presets whose runs are also scored "
+                        "with finetune (the costliest method, about 0.1 s an episode on a CPU; 'all' for every preset)")
+    parser.add_argument("--retrain", action="store_true", help="train runs again even where last.ckpt exists")
+    args = parser.parse_args()
+    known = {d.name: d for d in DOMAINS}
+    unknown = [d for d in args.domains.split(",") if d not in known]
+    if unknown:
+        parser.error(f"--domains: unknown {unknown}; the study knows {list(known)}")
+    args.domains = [known[d] for d in args.domains.split(",")]
+    args.data, args.work, args.out = Path(args.data), Path(args.work), Path(args.out)
+    args.shards = args.work / "shards"
+    args.shots = [int(k) for k in args.shots.split(",")]
+    args.methods = args.methods.split(",")
+    for method in args.methods:
+        if method not in METHODS:
+            parser.error(f"--methods: unknown {method!r}; choose from {list(METHODS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_library_warnings()
+    # each run's arguments go to LightningCLI as a list, while sys.argv holds the study's own: on purpose
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    start = time.perf_counter()
+    timings: dict = {"convert_s": sum(convert(d, args) for d in args.domains)}
+    rows: list[tuple[int, Result]] = []
+    runs, untrained_done = [], False
+    for seed in (int(s) for s in args.seeds.split(",") if s):
+        for preset in args.presets.split(","):
+            module, datamodule, record = train(preset, seed, args)
+            sets = episode_sets(module, datamodule, args)
+            eval_start = time.perf_counter()
+            if not untrained_done:  # the same in every run: once
+                once = [m for m in args.methods if m in UNTRAINED]
+                rows += [(seed, r) for r in evaluate(module, sets, once, progress=True)]
+                timings["evaluate_untrained_s"] = time.perf_counter() - eval_start
+                untrained_done = True
+                eval_start = time.perf_counter()
+            trained = [m for m in args.methods if m in TRAINED and (m != "finetune" or args.finetune_presets == "all"
+                                                                   or preset in args.finetune_presets.split(","))]
+            rows += [(seed, dataclasses.replace(r, method=f"{preset}/{r.method}"))
+                     for r in evaluate(module, sets, trained, progress=True)]
+            record["evaluate_s"] = time.perf_counter() - eval_start
+            runs.append(record)
+            print(f"seed {seed} {preset}: {'trained' if record['trained'] else 'loaded'} in {record['fit_s']:.0f}s, "
+                  f"evaluated in {record['evaluate_s']:.0f}s", flush=True)
+    table = over_seeds(rows)
+    timings["total_s"] = time.perf_counter() - start
+    seeds = sorted({s for s, _ in rows})
+    note = (f"{args.steps} training steps per run, seeds {', '.join(map(str, seeds))}: mean over seeds ± the 95% Student-t "
+            "interval across seeds; methods that train nothing (pixels, feature_centroid, feature_probe, projection) ± "
+            f"their 95% interval over episodes. Whole study: {timings['total_s'] / 60:.1f} minutes.")
+    write_results(table, args.out, {k: str(v) for k, v in vars(args).items()}, timings["total_s"], note,
+                  "Student t across seeds")
+    decisions_md, decisions = verdict(rows, table, args.decide, args)
+    (args.out / "verdict.md").write_text(decisions_md)
+    (args.out / "f1.md").write_text(f1_claim(table))
+    plot_differences(decisions, args.out / "paired_differences.png")
+    decided = args.decide.split("/")[0]
+    shown = set(UNTRAINED) | {args.decide, f"{decided}/tip_adapter", f"{decided}/finetune", "contrastive/finetune"}
+    plot_accuracy_vs_shots([r for r in table if r.method in shown], args.out / "accuracy_vs_shots.png")
+    payload = json.loads((args.out / "results.json").read_text())
+    payload.update(timings=timings, runs=runs, verdict=decisions, per_seed=[{"seed": s, **r.as_dict()} for s, r in rows])
+    (args.out / "results.json").write_text(json.dumps(payload, indent=2))
+    print(note + "\n\n" + markdown_table(table, "Student t across seeds") + "\n" + decisions_md)
+    print(f"wrote {args.out}/results.md, results.json, verdict.md, f1.md, accuracy_vs_shots.png, paired_differences.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The study driver (``bench/study.py``, ``make study``) end to end on tiny image folders it writes itself: convert,
+cache, train two presets for two seeds, score every kind of method, and write the table, the verdict and the plots;
+a second call reuses the shards and the trained runs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def _folder(root: Path, classes: list[str], per_class: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (24, 24, 3), dtype=np.uint8) + np.uint8(20 * c)  # a brightness per class
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.jpg")
+
+
+@pytest.mark.slow
+def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    _folder(data / "cifar10-test", ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse"], 8, 0)
+    _folder(data / "brain-tumor-mri" / "Testing", ["glioma", "notumor", "pituitary"], 8, 1)
+    study = _study()
+    argv = ["study", "--data", str(data), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--domains", "natural,mri", "--presets", "contrastive,recipe", "--seeds", "0,1", "--steps", "2",
+            "--episodes", "3", "--shots", "1", "--ways", "2", "--eval-ways", "2", "--size", "32", "--per-class", "8",
+            "--variable", "--methods", "pixels,feature_centroid,feature_probe,projection,prototype,finetune,dcmcl",
+            "--set", "model.encoder.image_size=32", "--set", "data.shots=1", "--set", "data.queries=2",
+            "--set", "data.val_episodes=2", "--set", "data.steps_per_epoch=2", "--set", "threads=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    study.main()
+    out = tmp_path / "out"
+    for name in ("results.md", "results.json", "verdict.md", "f1.md", "accuracy_vs_shots.png", "paired_differences.png"):
+        assert (out / name).is_file(), name
+    payload = json.loads((out / "results.json").read_text())
+    assert {r["seed"] for r in payload["per_seed"]} == {0, 1}
+    rows = payload["per_seed"]
+    # the methods that train nothing are scored once; finetune only for the presets that ask for it
+    assert len([r for r in rows if r["method"] == "feature_centroid" and r["domain"] == "mri" and r["shots"] == 1]) == 1
+    assert {r["method"] for r in rows if r["method"].endswith("/finetune")} == {"contrastive/finetune", "recipe/finetune"}
+    assert {(d["domain"], d["shots"]) for d in payload["verdict"]} == {("natural", 1), ("natural", 0), ("mri", 1), ("mri", 0)}
+    for decision in payload["verdict"]:
+        assert len(decision["per_seed"]) == 2 and decision["best_baseline"].rpartition("/")[2] in study.BASELINES
+    assert "recipe/dcmcl" in (out / "verdict.md").read_text()
+    assert [run["trained"] for run in payload["runs"]] == [True] * 4
+    assert payload["timings"]["convert_s"] > 0
+    # a second call converts nothing and trains nothing: it reads the shards, the cache and the runs' last.ckpt
+    study.main()
+    again = json.loads((out / "results.json").read_text())
+    assert again["timings"]["convert_s"] == 0 and [run["trained"] for run in again["runs"]] == [False] * 4
+    first = {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in rows}
+    second = {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in again["per_seed"]}
+    assert first == second  # the same episodes and the same weights give the same table
