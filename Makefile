@@ -21,7 +21,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 CKPT    ?= $(shell ls -t logs/*/version_*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 
-.PHONY: help install data train eval bench study test test-fast tensorboard clean
+.PHONY: help install data train eval bench study test test-fast tensorboard notebook clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -92,6 +92,11 @@ bench: install ## Speed benchmarks: meta-step vs plain step, memory, scaling, lo
 
 tensorboard: install ## Serve the TensorBoard logs in logs/ on port 6006
 	$(VENV)/bin/tensorboard --logdir logs --port 6006
+
+notebook: install ## Open notebooks/ in Jupyter Notebook (installs the notebook extra of pyproject.toml into .venv if missing)
+	test -x $(VENV)/bin/jupyter-notebook || $(PIP) install $$($(PY) -c "import tomllib; \
+	  print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['notebook']))")
+	$(VENV)/bin/jupyter notebook notebooks/
 
 clean: ## Remove generated shards, logs and caches (keeps .venv)
 	rm -rf $(SHARDS) logs lightning_logs .pytest_cache
