@@ -39,7 +39,7 @@ from metacontrastive.cli import MetaCLI
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.evaluation import METHODS, Result, evaluate
 from metacontrastive.module import MetaContrastiveModule
-from metacontrastive.reporting import EPISODE_CI, markdown_table, write_results
+from metacontrastive.reporting import EPISODE_CI, markdown_table, mean_over_seeds, write_results
 
 PRESETS = ("contrastive", "conditioned", "maml", "full", "projection")
 
@@ -64,26 +64,6 @@ def train(preset: str, seed: int, args: argparse.Namespace) -> MetaCLI:
                   trainer_defaults={"inference_mode": False}, save_config_kwargs={"overwrite": True})
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
-
-
-def over_seeds(rows: list[Result]) -> list[Result]:
-    """One row per (method, domain, shots): the mean over seeds; with several seeds the CI becomes the 95%
-    Student-t interval across them (t * std / sqrt(seeds), t = 4.30 for three seeds: a handful of seeds
-    says little about the spread, and 1.96 would pretend otherwise). A row that is the same in every seed (one
-    seed, or the pixels floor, which trains nothing) keeps its episode CI."""
-    groups: dict[tuple, list[Result]] = {}
-    for r in rows:
-        groups.setdefault((r.method, r.domain, r.shots), []).append(r)
-    out = []
-    for group in groups.values():
-        if len({(r.acc, r.f1) for r in group}) == 1:  # one seed, or a row no seed changes (pixels): its episode CI
-            out.append(group[0])
-            continue
-        t = scipy.stats.t.ppf(0.975, len(group) - 1)
-        ci = {k: t * statistics.stdev(getattr(r, k) for r in group) / len(group) ** 0.5 for k in ("acc", "f1")}
-        out.append(dataclasses.replace(group[0], acc=statistics.mean(r.acc for r in group), acc_ci95=ci["acc"],
-                                       f1=statistics.mean(r.f1 for r in group), f1_ci95=ci["f1"]))
-    return out
 
 
 def paired(rows: list[tuple[int, Result]], versus: str) -> str:
@@ -178,7 +158,7 @@ def main() -> None:
     runs = [(t["seed"], t["preset"]) for t in timings]
     if len(set(runs)) < len(runs):
         raise SystemExit(f"the same (seed, preset) twice among {runs}: merge each seed's runs once")
-    table = over_seeds([r for _, r in rows])
+    table = mean_over_seeds([r for _, r in rows])
     seeds = sorted({t["seed"] for t in timings})
     steps = ", ".join(map(str, sorted({t.get("steps", args.steps) for t in timings})))
     seeds_note = (f"mean over seeds {', '.join(map(str, seeds))} ± the 95% t-interval across seeds" if len(seeds) > 1

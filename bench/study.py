@@ -52,7 +52,7 @@ from metacontrastive.data.prepare import write_domain
 from metacontrastive.data.tasks import VariableShape
 from metacontrastive.evaluation import METHODS, Result, evaluate
 from metacontrastive.module import MetaContrastiveModule
-from metacontrastive.reporting import markdown_table, plot_accuracy_vs_shots, write_results
+from metacontrastive.reporting import markdown_table, mean_over_seeds, plot_accuracy_vs_shots, write_results
 
 PRESETS = ("contrastive", "conditioned", "maml", "full", "projection", "recipe")
 UNTRAINED = ("pixels", "feature_centroid", "feature_probe", "projection")  # read no trained weight: scored once
@@ -168,24 +168,6 @@ def episode_sets(module: MetaContrastiveModule, datamodule: EpisodicDataModule, 
     datamodule.attach(module.model.frozen_image_tower(module.towers_adapt), progress=False)
     variable = VariableShape(max_ways=args.eval_ways, max_shots=20, max_support=100, queries=10) if args.variable else None
     return datamodule.episode_sets("test", args.shots, args.episodes, labelled_only=True, variable=variable)
-
-
-def over_seeds(rows: list[tuple[int, Result]]) -> list[Result]:
-    """A row per (label, domain, shots): the mean over seeds ± the 95% Student-t interval across them; a row
-    scored once (a method that trains nothing) keeps its episode interval."""
-    groups: dict[tuple, list[Result]] = {}
-    for _, r in rows:
-        groups.setdefault((r.method, r.domain, r.shots), []).append(r)
-    out = []
-    for group in groups.values():
-        if len(group) == 1:
-            out.append(group[0])
-            continue
-        t = scipy.stats.t.ppf(0.975, len(group) - 1)
-        ci = {k: t * statistics.stdev(getattr(r, k) for r in group) / len(group) ** 0.5 for k in ("acc", "f1")}
-        out.append(dataclasses.replace(group[0], acc=statistics.mean(r.acc for r in group), acc_ci95=ci["acc"],
-                                       f1=statistics.mean(r.f1 for r in group), f1_ci95=ci["f1"]))
-    return out
 
 
 def _kind(label: str) -> str:
@@ -338,7 +320,7 @@ def main() -> None:
             runs.append(record)
             print(f"seed {seed} {preset}: {'trained' if record['trained'] else 'loaded'} in {record['fit_s']:.0f}s, "
                   f"evaluated in {record['evaluate_s']:.0f}s", flush=True)
-    table = over_seeds(rows)
+    table = mean_over_seeds([r for _, r in rows])
     timings["total_s"] = time.perf_counter() - start
     seeds = sorted({s for s, _ in rows})
     note = (f"{args.steps} training steps per run, seeds {', '.join(map(str, seeds))}: mean over seeds ± the 95% Student-t "

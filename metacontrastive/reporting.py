@@ -14,15 +14,19 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import statistics
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+import scipy.stats
 
 from metacontrastive.evaluation import Result
 
-__all__ = ["FILES", "log_to_tensorboard", "markdown_table", "plot_accuracy_vs_shots", "shape", "write_results"]
+__all__ = ["FILES", "log_to_tensorboard", "markdown_table", "mean_over_seeds", "plot_accuracy_vs_shots", "shape",
+           "write_results"]
 
 FILES = ("results.json", "results.csv", "results.md", "accuracy_vs_shots.png")
 
@@ -62,6 +66,26 @@ def markdown_table(results: Sequence[Result], ci: str = EPISODE_CI) -> str:
              for (domain, _, shots), r in columns.items()]  # dict.fromkeys: once each
     return ("\n".join(lines) + f"\n\nAccuracy % ± 95% CI ({ci}), macro-F1 in brackets. "
             + "; ".join(dict.fromkeys(notes)) + ".\n")
+
+
+def mean_over_seeds(rows: Sequence[Result]) -> list[Result]:
+    """One row per (method, domain, shots): the mean over seeds; with several seeds the CI becomes the 95%
+    Student-t interval across them (t * std / sqrt(seeds), t = 4.30 for three seeds: a handful of seeds
+    says little about the spread, and 1.96 would pretend otherwise). A row that is the same in every seed (one
+    seed, or a method that trains nothing) keeps its episode CI."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.domain, r.shots), []).append(r)
+    out = []
+    for group in groups.values():
+        if len({(r.acc, r.f1) for r in group}) == 1:
+            out.append(group[0])
+            continue
+        t = scipy.stats.t.ppf(0.975, len(group) - 1)
+        ci = {k: t * statistics.stdev(getattr(r, k) for r in group) / len(group) ** 0.5 for k in ("acc", "f1")}
+        out.append(dataclasses.replace(group[0], acc=statistics.mean(r.acc for r in group), acc_ci95=ci["acc"],
+                                       f1=statistics.mean(r.f1 for r in group), f1_ci95=ci["f1"]))
+    return out
 
 
 def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path | None = None) -> plt.Figure:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from metacontrastive.evaluation import Result
+from metacontrastive.reporting import mean_over_seeds
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ablations.py"
 
@@ -41,7 +42,7 @@ def test_merged_seeds_give_the_mean_and_the_spread_across_seeds(ablations, tmp_p
     rows, timings = ablations.merged([str(a), str(b)])
     assert [t["seed"] for t in timings] == [0, 1] and len(rows) == 4
     assert [seed for seed, _ in rows] == [0, 0, 1, 1]  # results without a seed take their file's only seed
-    table = {r.method: r for r in ablations.over_seeds([r for _, r in rows])}
+    table = {r.method: r for r in mean_over_seeds([r for _, r in rows])}
     assert table["full/dcmcl"].acc == pytest.approx(0.75)
     # t(0.975, 1 degree of freedom) * stdev(0.7, 0.8) / sqrt(2): the interval across seeds replaces the episode CI
     assert table["full/dcmcl"].acc_ci95 == pytest.approx(12.7062 * 0.0707107 / 2 ** 0.5, rel=1e-4)
@@ -81,9 +82,9 @@ def test_merging_a_seed_twice_or_nothing_is_an_error(ablations, tmp_path, monkey
 
 def test_a_row_no_seed_changes_keeps_the_episode_ci(ablations):
     row = _row("pixels", 0.6)
-    assert ablations.over_seeds([row]) == [row]
-    assert ablations.over_seeds([row, dataclasses.replace(row, ms_per_episode=2.0)])[0].acc_ci95 == 0.01
-    assert ablations.over_seeds([row, dataclasses.replace(row, acc=0.62)])[0].acc_ci95 > 0.1  # t(1) * 0.014 / sqrt(2)
+    assert mean_over_seeds([row]) == [row]
+    assert mean_over_seeds([row, dataclasses.replace(row, ms_per_episode=2.0)])[0].acc_ci95 == 0.01
+    assert mean_over_seeds([row, dataclasses.replace(row, acc=0.62)])[0].acc_ci95 > 0.1  # t(1) * 0.014 / sqrt(2)
 
 
 def test_set_overrides_come_last_and_reach_the_config(ablations, tmp_path, monkeypatch):
