@@ -29,7 +29,7 @@ import torch
 from metacontrastive.cli import intra_op_threads
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.synthetic import write_synthetic
-from metacontrastive.evaluation import METHODS, evaluate
+from metacontrastive.evaluation import evaluate, methods_for
 from metacontrastive.models.clip import EncoderConfig
 from metacontrastive.module import MetaContrastiveModule
 
@@ -107,14 +107,14 @@ def main() -> None:
         dm.attach(module.model.frozen_image_tower(module.towers_adapt), progress=False)
         sets = dm.episode_sets("test", [5], args.episodes, labelled_only=True)
         start = time.perf_counter()
-        results = evaluate(module, sets, list(METHODS), progress=True)
+        results = evaluate(module, sets, methods_for(module), progress=True)
         evaluate_s = time.perf_counter() - start
         full_mb = sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20
         report = {
             "tower": args.tower, "size": args.size, "threads": torch.get_num_threads(),
             "step_ms_uncached": round(plain_ms, 1), "step_ms_cached": round(cached_ms, 1),
             "speedup": round(plain_ms / cached_ms, 1), "cache_build_s": round(build_s - warm_s, 1),
-            "evaluate_s": round(evaluate_s, 1), "evaluate_episodes": sum(len(s) for s in sets), "methods": len(METHODS),
+            "evaluate_s": round(evaluate_s, 1), "evaluate_episodes": sum(len(s) for s in sets), "methods": len(methods_for(module)),
             "ms_per_episode": {r.method: round(r.ms_per_episode, 2) for r in results if r.domain == args.domains[0]},
             "checkpoint_mb": round(ckpt.stat().st_size / 2**20, 1), "checkpoint_mb_uncached_run": round(plain_ckpt.stat().st_size / 2**20, 1),
             "state_dict_mb_all_tensors": round(full_mb, 1),
@@ -125,7 +125,7 @@ def main() -> None:
              f"| meta-step, cached (ms) | {report['step_ms_cached']} |",
              f"| speed-up | {report['speedup']}x |",
              f"| cache build, every split (s) | {report['cache_build_s']} |",
-             f"| evaluate: {report['evaluate_episodes']} episodes x {len(METHODS)} methods (s) | {report['evaluate_s']} |",
+             f"| evaluate: {report['evaluate_episodes']} episodes x {report['methods']} methods (s) | {report['evaluate_s']} |",
              f"| checkpoint (MB) | {report['checkpoint_mb']} (all tensors: {report['state_dict_mb_all_tensors']}) |"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

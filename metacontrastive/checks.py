@@ -12,7 +12,8 @@ __all__ = ["check_options", "score_warnings", "structure"]
 def structure(hparams: dict) -> dict:
     """The options that decide which tensors a checkpoint holds, and their shapes."""
     encoder = hparams.get("encoder") or {}
-    shapes = ("image_tower", "text_tower", "embed_dim", "hidden_dim", "domain_dim", "condition_image", "condition_text")
+    shapes = ("image_tower", "text_tower", "embed_dim", "hidden_dim", "domain_dim", "condition_image", "condition_text",
+              "tail")
     return {"domains": hparams.get("domains"), "algorithm": hparams.get("algorithm"),
             "adapt_scope": hparams.get("adapt_scope"), "prototype_prompts": hparams.get("prototype_prompts") is not None,
             **{f"encoder.{key}": encoder.get(key) for key in shapes}}

@@ -29,7 +29,7 @@ from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.manifest import ROOT
 from metacontrastive.data.tasks import VariableShape
 from metacontrastive.errors import BadInput
-from metacontrastive.evaluation import METHODS, EvalOptions, evaluate
+from metacontrastive.evaluation import METHODS, EvalOptions, evaluate, methods_for
 from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import log_to_tensorboard, markdown_table, write_results
 from metacontrastive.runs import check_checkpoint, check_ckpt_path, resolve_run, run_folder
@@ -178,8 +178,8 @@ def evaluate_main(argv: list[str] | None = None) -> list:
     """``python -m metacontrastive evaluate``: the few-shot table of a checkpoint, written beside it."""
     args = _evaluate_parser().parse_args(argv)
     quiet_library_warnings()
-    methods = list(METHODS) if args.methods == ["all"] else args.methods
-    unknown = [m for m in methods if m not in METHODS]
+    methods = args.methods
+    unknown = [m for m in methods if m not in METHODS and m != "all"]
     if unknown:
         raise BadInput(f"evaluate: unknown methods {unknown}; choose from {list(METHODS)} or all")
     ckpt = check_checkpoint(args.ckpt)  # before the model and the data are built
@@ -191,6 +191,11 @@ def evaluate_main(argv: list[str] | None = None) -> list:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     module = MetaContrastiveModule.load_from_checkpoint(ckpt, map_location=device)
+    if methods == ["all"]:
+        methods = methods_for(module)
+        if len(methods) < len(METHODS):
+            print(f"evaluate: {', '.join(m for m in METHODS if m not in methods)} left out: they adapt inside the image "
+                  "tower, and this model's is not cut (model.encoder.tail)")
     domains = list(dict.fromkeys((args.domains or data.get("test_domains") or module.domains) + args.holdout_domain))
     shots, queries = args.shots, args.queries
     datamodule = EpisodicDataModule(

@@ -20,13 +20,20 @@ method               what it does                                               
                      zero-shot logits (Zhang et al., 2022)
 ``projection``       the second seed paper: fresh Linear-GELU-Linear heads on the    h_I, h_T
                      frozen tower features, trained contrastively on the support set
-``finetune``         FiLM + heads (the adapted scope) fine-tuned on the support set  the model
-                     with Adam (the BSCD-FSL baseline)
+``finetune``         FiLM + heads fine-tuned on the support set with Adam (the       the model
+                     BSCD-FSL baseline, after the pooled features)
+``tail_finetune``    the image tail's weights, from the pretrained ones, and a       the trunk
+                     cosine classifier from the support means, fine-tuned on the
+                     support set (BSCD-FSL inside the tower; ``intower``)
+``tail_film``        FiLM of the tail's BatchNorms from the identity and the same    the trunk
+                     classifier, trained on the support set (``intower``)
 ``dcmcl``            k inner steps from the meta-learned initialisation              the model
 ==================== =============================================================== ===========
 
 h_I, h_T are the tower features, z_I, z_T the model's domain-conditioned, projected and normalised
-embeddings before any adaptation. A domain the model was not trained on (or one named in ``holdout``)
+embeddings before any adaptation. The two ``tail_*`` methods need a model whose image tower is cut into trunk and
+tail (``model.encoder.tail``, ``models.tail``); they read the trunk's activations and the pretrained tail, nothing
+the model trained. A domain the model was not trained on (or one named in ``holdout``)
 is conditioned on the ``unknown`` row of the domain table.
 
 ``feature_centroid`` and ``feature_probe`` are the training-free bar of a pretrained tower alone. SimpleShot
@@ -50,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from metacontrastive import intower
 from metacontrastive.data.episodes import Task
 from metacontrastive.data.tasks import FixedEpisodes
 from metacontrastive.meta import TaskView, adapt_and_score, class_means, func_batchable, func_predictions
@@ -59,7 +67,7 @@ from metacontrastive.stacked import LayerPath, model_path, stacked_copies, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "Episode", "EvalOptions", "Result", "evaluate", "predict"]
+__all__ = ["METHODS", "Episode", "EvalOptions", "Result", "evaluate", "methods_for", "predict"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,10 @@ class EvalOptions:
         probe_iters: L-BFGS iterations of ``linear_probe`` and ``feature_probe``.
         tip_alpha: Tip-Adapter's residual ratio alpha (the paper's default, 1).
         tip_beta: Tip-Adapter's sharpness beta (the paper's default, 5.5).
+        tail_steps: Adam steps of ``tail_finetune`` and ``tail_film`` on the support set.
+        tail_finetune_lr: the learning rate of ``tail_finetune`` (the tail's weights and the classifier).
+        tail_film_lr: the learning rate of ``tail_film`` (FiLM coefficients and the classifier).
+        tail_scale: the inverse temperature of their cosine classifier.
         seed: seeds the fresh heads of ``projection`` (per episode, so results do not depend on order).
     """
 
@@ -96,6 +108,10 @@ class EvalOptions:
     probe_iters: int = 100
     tip_alpha: float = 1.0
     tip_beta: float = 5.5
+    tail_steps: int = 20
+    tail_finetune_lr: float = 1e-4
+    tail_film_lr: float = 1e-3
+    tail_scale: float = 10.0
     seed: int = 0
 
 
@@ -117,6 +133,7 @@ class Episode:
         view: the model's ``TaskView`` of the task.
         h_model: (S + Q, F_I) the image features the model's FiLM and heads read (``h_image`` centred on the
             support set when the model has ``center_support``; None: ``h_image``).
+        h_trunk: (S + Q, C, h, w) the trunk activations of a model whose image tower is cut (None: not cut).
     """
 
     task: Task
@@ -129,6 +146,7 @@ class Episode:
     module: nn.Module | None = None
     view: TaskView | None = None
     h_model: torch.Tensor | None = None
+    h_trunk: torch.Tensor | None = None
 
     @classmethod
     def of(cls, module: nn.Module, task: Task, row: int) -> Episode:
@@ -138,12 +156,14 @@ class Episode:
         with torch.no_grad():  # frozen features: no method differentiates into the towers (unless they adapt)
             view = module.view_of(task, row)  # an unseen domain's row may become a blend of the known ones
             h_model, h_text = view.features()  # (S + Q, F_I), (N * P, F_T): P prompts per class
-            h_image = view.tower_features[0] if hasattr(view, "tower_features") else h_model  # the tower's own
+            towers = hasattr(view, "tower_features")  # the towers ran once (they do not adapt)
+            h_image = view.tower_pooled() if towers else h_model  # the tower's own
+            h_trunk = view.tower_features[0] if towers and module.model.image_tail is not None else None
             h_text = h_text.view(len(task.classes), task.prompts, -1).mean(dim=1)  # (N, F_T)
             z_image = module.model.embed_image(h_model, view.domain_row)  # (S + Q, D)
             z_text = view.texts()  # (N, D), prompt ensembling when P > 1; no support prototypes: zero-shot
             scale = module.model.scale()
-        return cls(task, h_image, h_text, z_image, z_text, scale, row, module, view, h_model)
+        return cls(task, h_image, h_text, z_image, z_text, scale, row, module, view, h_model, h_trunk)
 
     @property
     def ways(self) -> int:
@@ -252,6 +272,9 @@ class _FreshHeads(nn.Module):
         self.image, self.text = ProjectionHead(image_dim, hidden, dim), ProjectionHead(text_dim, hidden, dim)
 
 
+Method = Callable[[list[Episode], EvalOptions], torch.Tensor]  # episodes of one set -> (B, Q) predictions
+
+
 def _stacked_features(episodes: list[Episode], model: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, S, F_I) support and (B, Q, F_I) query image features (the tower's, or with ``model`` what the model's
     FiLM reads: ``Episode.h_model``), (B, N, F_T) class prompt features."""
@@ -310,6 +333,19 @@ def _finetuned(model: nn.Module) -> nn.ModuleDict:
     return nn.ModuleDict({name: getattr(model, name) for name in _FINETUNED if getattr(model, name) is not None})
 
 
+def _in_tower(method: Callable, lr: Callable[[EvalOptions], float]) -> Method:
+    """An ``intower`` method on a chunk of episodes of a model with an image tail."""
+    def run(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
+        first = episodes[0]
+        if first.h_trunk is None:
+            raise ValueError(f"{method.__name__} adapts inside the image tower: it needs a model whose tower is cut "
+                             "(model.encoder.tail=head or last_stage) and whose towers do not adapt")
+        trunk = torch.stack([ep.h_trunk for ep in episodes])  # (B, S + Q, C, h, w)
+        return method(first.module.model.image_tail, trunk, first.support_labels, first.ways, opts.tail_steps, lr(opts),
+                      opts.tail_scale)
+    return run
+
+
 def _dcmcl(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     module = episodes[0].module
     steps = module.eval_steps if opts.inner_steps is None else opts.inner_steps
@@ -319,7 +355,6 @@ def _dcmcl(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     return torch.stack([adapt_and_score(module.learner, view, steps, first_order=True).predictions() for view in views])
 
 
-Method = Callable[[list[Episode], EvalOptions], torch.Tensor]  # episodes of one set -> (B, Q) predictions
 
 
 def _each(method: Callable[[Episode, EvalOptions], torch.Tensor]) -> Method:
@@ -337,8 +372,15 @@ METHODS: dict[str, Method] = {
     "tip_adapter": _each(_tip_adapter),
     "projection": _projection,
     "finetune": _finetune,
+    "tail_finetune": _in_tower(intower.tail_finetune, lambda opts: opts.tail_finetune_lr),
+    "tail_film": _in_tower(intower.tail_film, lambda opts: opts.tail_film_lr),
     "dcmcl": _dcmcl,
 }
+
+
+def methods_for(module: nn.Module) -> list[str]:
+    """The methods of ``METHODS`` that ``module`` can be scored with: the ``tail_*`` ones need a cut image tower."""
+    return [m for m in METHODS if m not in intower.TAIL_METHODS or module.model.image_tail is not None]
 
 
 def predict(method: str, episodes: list[Episode], opts: EvalOptions = EvalOptions()) -> torch.Tensor:

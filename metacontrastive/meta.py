@@ -36,10 +36,16 @@ __all__ = ["ADAPT_SCOPES", "ALGORITHMS", "ENGINES", "AdaptScope", "Adapted", "Al
            "class_means", "func_adapt_and_score", "func_batchable", "func_predictions", "task_cached", "task_images", "towers_batch"]
 
 ADAPT_SCOPES: dict[str, tuple[str, ...]] = {
-    "film": ("film_image", "film_text"),
+    "film": ("film_image", "film_tail", "film_text"),
     "heads": ("head_image", "head_text"),
-    "film+heads": ("film_image", "film_text", "head_image", "head_text"),
-    "all": ("image_tower", "text_tower", "domain", "film_image", "film_text", "head_image", "head_text"),
+    "film+heads": ("film_image", "film_tail", "film_text", "head_image", "head_text"),
+    # inside the image tower (``models.tail``): the tail's FiLM; only the domain embedding that generates every FiLM
+    # (CAVIA, Zintgraf et al. 2019: a small context vector adapted per task, the rest meta-learned); the tail's weights
+    "tail_film": ("film_tail",),
+    "context": ("domain",),
+    "tail": ("image_tail",),
+    "all": ("image_tower", "text_tower", "image_tail", "domain", "film_image", "film_tail", "film_text", "head_image",
+            "head_text"),
 }
 ALGORITHMS = {"maml": MAML, "metasgd": MetaSGD}
 ENGINES = ("l2l", "func")  # learn2learn's clone-and-update, or torch.func over the tasks of a meta-batch
@@ -64,7 +70,10 @@ def build_learner(model: nn.Module, scope: str, algorithm: str, inner_lr: float,
         raise ValueError(f"unknown adapt_scope {scope!r}; choose one of {sorted(ADAPT_SCOPES)}")
     parts = nn.ModuleDict({name: getattr(model, name) for name in ADAPT_SCOPES[scope] if getattr(model, name) is not None})
     if not any(p.requires_grad for p in parts.parameters()):
-        raise ValueError(f"adapt_scope {scope!r} holds no trainable parameter (is conditioning off or the part frozen?)")
+        hint = {"tail_film": "it needs model.encoder.tail=head or last_stage and condition_image",
+                "tail": "it needs model.encoder.tail=head or last_stage and model.encoder.train_tail=true",
+                "context": "it needs domain conditioning"}.get(scope, "is conditioning off or the part frozen?")
+        raise ValueError(f"adapt_scope {scope!r} holds no trainable parameter ({hint})")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
     if algorithm == "metasgd":
@@ -174,9 +183,11 @@ class Rows:
 class TaskView:
     """One task as the model reads it: its images (support, then query), its texts and three row subsets.
 
-    The towers run once per task (``features``) unless they sit inside the adapted scope, in which case
-    they run again for every set of fast weights. Everything downstream of the towers takes ``fast``,
-    the adapted parts, or None for the model's own weights.
+    The towers run once per task (``tower_features``) unless they sit inside the adapted scope, in which case
+    they run again for every set of fast weights. With an image tail (``models.tail``), the tail runs once per
+    task too, unless what its output depends on adapts (its FiLM, the domain embedding that generates the FiLM,
+    its own weights): then it runs for every set of fast weights, from its prefix when its own weights stay put.
+    Everything downstream takes ``fast``, the adapted parts, or None for the model's own weights.
 
     A label's embedding (what images are matched against) is the mean of its prompts' normalised embeddings
     (prompt ensembling, when the task has several prompts per class), and, with ``prototype_weight``, moved
@@ -188,67 +199,115 @@ class TaskView:
         task: the task.
         domain_row: the row of the model's domain table that conditions this task (``unknown`` for
             domains the model was not trained on, or under domain dropout), or a (C,) conditioning vector.
-        towers_adapt: the towers are fast weights (``adapt_scope=all``).
+        adapted: the parts of the model the inner loop adapts (``ADAPT_SCOPES[scope]``).
         prototype_weight: beta, or None for prompts alone.
         features: the task's tower features when the caller computed them already (``batch_features``).
     """
 
-    def __init__(self, model: DomainConditionedCLIP, task: Task, domain_row: int, towers_adapt: bool = False,
-                 prototype_weight: torch.Tensor | None = None,
+    def __init__(self, model: DomainConditionedCLIP, task: Task, domain_row: int | torch.Tensor,
+                 adapted: tuple[str, ...] = (), prototype_weight: torch.Tensor | None = None,
                  features: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.model, self.task, self.domain_row, self.towers_adapt = model, task, domain_row, towers_adapt
+        self.model, self.task = model, task
+        self.towers_adapt = "image_tower" in adapted or "text_tower" in adapted
         self.prototype_weight = prototype_weight if task.labelled else None
         self.images = task_images(task)  # (S + Q, 3, H, W), or None with cached features
         n = len(task.support_labels)
         self.support = Rows.of(slice(0, n), task.support_labels)
         self.query = Rows.of(slice(n, None), task.query_labels)
         self.both = Rows.of(slice(None), torch.cat([task.support_labels, task.query_labels]))
-        if towers_adapt:
+        tail, film = model.image_tail, model.film_tail is not None
+        # what a tail's output depends on: its weights, its FiLM and the domain embedding that generates the FiLM
+        self.tail_adapts = tail is not None and ("image_tail" in adapted or film and ("film_tail" in adapted or "domain" in adapted))
+        self._prefixed = tail is not None and "image_tail" not in adapted
+        self._row = domain_row
+        self._features: tuple[torch.Tensor, torch.Tensor] | None = None  # what FiLM and the heads read, when fixed
+        self._start: torch.Tensor | None = None  # what the tail starts from, when it runs per set of fast weights
+        if self.towers_adapt:
             if self.images is None:
                 raise ValueError("the towers adapt in the inner loop (adapt_scope=all), so tasks need images, not cached "
                                  "features: set data.feature_cache=off")
-            self._features = None
-        else:
-            self.tower_features = features if features is not None else model.features(
-                self.images, task.texts, support=n, cached=task_cached(task))
-            self._features = self._centred(self.tower_features)
+            return
+        self.tower_features = features if features is not None else model.features(
+            self.images, task.texts, support=n, cached=task_cached(task))
+        h_image, self._text = self.tower_features  # (S + Q, F_I) or trunk activations (S + Q, C, h, w); (M, F_T)
+        self._start = tail.prefix(h_image) if self._prefixed else h_image
+        if not self.tail_adapts:
+            self._features = self._tail(None), self._text
 
-    def _centred(self, features: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """With ``center_support``, the image features less their support set's mean (SimpleShot's centring)."""
+    @property
+    def domain_row(self) -> int | torch.Tensor:
+        return self._row
+
+    @domain_row.setter
+    def domain_row(self, row: int | torch.Tensor) -> None:
+        """Condition the task on another row (or vector): features that a tail FiLM made for the old one are remade."""
+        self._row = row
+        if self._features is not None and self.model.film_tail is not None:
+            self._features = self._tail(None), self._text
+
+    def _tail(self, fast: Parts | None, start: torch.Tensor | None = None) -> torch.Tensor:
+        """(S + Q, F_I) the pooled features FiLM and the heads read: the tail (if any) on the task's trunk activations
+        (or on ``start``), centred on the support set with ``center_support`` (SimpleShot's centring)."""
+        h_image = self.model.tail_features(self._start if start is None else start, self._row, fast, self._prefixed)
         if not self.model.config.center_support:
-            return features
-        h_image, h_text = features
-        return h_image - h_image[self.support.index].mean(dim=0), h_text  # (S + Q, F_I)
+            return h_image
+        return h_image - h_image[self.support.index].mean(dim=0)
 
     def features(self, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The features FiLM and the heads read: h_I (S + Q, F_I), centred on the support set with
         ``center_support``, and h_T (M, F_T). ``tower_features`` holds the towers' own (when they are slow weights)."""
         if self._features is not None:
             return self._features
-        return self._centred(self.model.features(self.images, self.task.texts, fast=fast,
-                                                 support=len(self.task.support_labels)))
+        if self._start is not None:  # the tail adapts
+            return self._tail(fast), self._text
+        h_image, h_text = self.model.features(self.images, self.task.texts, fast=fast, support=len(self.task.support_labels))
+        return self._tail(fast, self.model.image_tail.prefix(h_image) if self._prefixed else h_image), h_text
 
-    def texts(self, fast: Parts | None = None) -> torch.Tensor:
+    def tower_pooled(self) -> torch.Tensor:
+        """(S + Q, F_I) the frozen image tower's own pooled features, no conditioning (the tail without FiLM)."""
+        return self.model.tail_features(self._start, None, None, self._prefixed)
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-task tensors the adaptation starts from (what the torch.func engine stacks over tasks): the fixed
+        features, or the tail's start and the text features; None when the towers adapt."""
+        if self._features is not None:
+            return self._features
+        return None if self._start is None else (self._start, self._text)
+
+    def with_inputs(self, h_image: torch.Tensor, h_text: torch.Tensor, row: int | torch.Tensor) -> TaskView:
+        """A copy of this view on other ``inputs`` (another task of the same layout) and domain row."""
+        view = copy.copy(self)
+        view._row, view._text = row, h_text  # the inputs were made for that row already: nothing to remake
+        if self._features is not None:
+            view._features = h_image, h_text
+        else:
+            view._start = h_image
+        return view
+
+    def texts(self, fast: Parts | None = None, features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(L, D) one normalised text embedding per label: its prompts' embeddings averaged (prompt ensembling)."""
-        z_text = self.model.embed_text(self.features(fast)[1], self.domain_row, fast)  # (L * P, D)
+        h_text = (features or self.features(fast))[1]
+        z_text = self.model.embed_text(h_text, self.domain_row, fast)  # (L * P, D)
         prompts = self.task.prompts
         if prompts == 1:
             return z_text
         return F.normalize(z_text.view(-1, prompts, z_text.shape[-1]).mean(dim=1), dim=-1)  # (L, D)
 
-    def labels(self, fast: Parts | None = None) -> torch.Tensor:
+    def labels(self, fast: Parts | None = None, features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(L, D) each label's embedding: its text embedding, moved toward its support prototype by beta."""
-        z_text = self.texts(fast)
+        features = features or self.features(fast)
+        z_text = self.texts(fast, features)
         if self.prototype_weight is None:
             return z_text
-        z_support = self.model.embed_image(self.features(fast)[0][self.support.index], self.domain_row, fast)  # (S, D)
+        z_support = self.model.embed_image(features[0][self.support.index], self.domain_row, fast)  # (S, D)
         prototypes = F.normalize(class_means(z_support, self.support.labels, len(z_text)), dim=-1)  # (L, D)
         return F.normalize(z_text + self.prototype_weight * prototypes, dim=-1)
 
     def embed(self, rows: Rows, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image embeddings of ``rows`` (n, D) and the embeddings of the labels they point at (m, D)."""
-        z_image = self.model.embed_image(self.features(fast)[0][rows.index], self.domain_row, fast)
-        return z_image, self.labels(fast)[rows.texts]
+        features = self.features(fast)  # once: with an adapting tail, each call runs it
+        z_image = self.model.embed_image(features[0][rows.index], self.domain_row, fast)
+        return z_image, self.labels(fast, features)[rows.texts]
 
     def loss(self, rows: Rows, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The contrastive loss on ``rows`` and the embeddings it was computed from."""
@@ -345,12 +404,12 @@ class FunctionalParts(Mapping):
 def func_batchable(views: list[TaskView]) -> bool:
     """Whether ``func_adapt_and_score`` can take these tasks in one ``vmap``: tower features computed, integer
     domain rows, and the same shape and label layout in every task."""
-    first = views[0]
-    return all(
-        v._features is not None and isinstance(v.domain_row, int) and v.task.prompts == first.task.prompts
-        and v._features[0].shape == first._features[0].shape and v._features[1].shape == first._features[1].shape
-        and torch.equal(v.support.labels, first.support.labels) and torch.equal(v.query.labels, first.query.labels)
-        and v.support.index == first.support.index and v.query.index == first.query.index
+    first = views[0].inputs()
+    return first is not None and all(
+        v.inputs() is not None and isinstance(v.domain_row, int) and v.task.prompts == views[0].task.prompts
+        and v.inputs()[0].shape == first[0].shape and v.inputs()[1].shape == first[1].shape
+        and torch.equal(v.support.labels, views[0].support.labels) and torch.equal(v.query.labels, views[0].query.labels)
+        and v.support.index == views[0].support.index and v.query.index == views[0].query.index
         for v in views)
 
 
@@ -374,16 +433,11 @@ def func_adapt_and_score(
         rates = dict(zip((name for name, _ in parts.named_parameters()), learner.lrs))
     else:
         rates = dict.fromkeys(params, learner.lr)
-    template = copy.copy(views[0])
-
-    def view_of(h_image, h_text, row) -> TaskView:
-        view = copy.copy(template)
-        view._features, view.domain_row = (h_image, h_text), row
-        return view
+    template = views[0]
 
     def one_task(h_image, h_text, row):
         def support_loss(p):
-            view = view_of(h_image, h_text, row)
+            view = template.with_inputs(h_image, h_text, row)
             return view.loss(view.support, FunctionalParts(parts, p))[0]
 
         fast, first_loss = params, None
@@ -392,12 +446,12 @@ def func_adapt_and_score(
             first_loss = loss if first_loss is None else first_loss
             fast = {name: fast[name] - rates[name] * (grads[name].detach() if first_order else grads[name])
                     for name in fast}
-        view = view_of(h_image, h_text, row)
+        view = template.with_inputs(h_image, h_text, row)
         loss, z_query, z_text = view.loss(view.query, FunctionalParts(parts, fast))
         return loss, z_query, (first_loss if first_loss is not None else loss), z_text
 
-    h_image = torch.stack([v._features[0] for v in views])  # (T, S + Q, F_I)
-    h_text = torch.stack([v._features[1] for v in views])  # (T, M, F_T)
+    h_image = torch.stack([v.inputs()[0] for v in views])  # (T, S + Q, F_I), or the tail's start (T, S + Q, C, h, w)
+    h_text = torch.stack([v.inputs()[1] for v in views])  # (T, M, F_T)
     rows = torch.tensor([v.domain_row for v in views], device=h_image.device)  # (T,)
     kernel = contextlib.nullcontext() if first_order else sdpa_kernel(SDPBackend.MATH)
     with torch.enable_grad(), kernel:

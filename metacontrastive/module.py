@@ -154,7 +154,8 @@ class MetaContrastiveModule(L.LightningModule):
         self.inner_lrs = learner.lrs if algorithm == "metasgd" else None
         if method != "dcmcl" and algorithm == "metasgd":  # no inner loop in training: the rates cannot learn
             self.inner_lrs.requires_grad_(False)
-        self.towers_adapt = "image_tower" in ADAPT_SCOPES[adapt_scope]
+        self.adapted = ADAPT_SCOPES[adapt_scope]  # the parts the inner loop adapts
+        self.towers_adapt = "image_tower" in self.adapted
         if prototype_prompts is not None and prototype_prompts <= 0:
             raise ValueError(f"model.prototype_prompts={prototype_prompts}: give beta's starting value, > 0, or null for none")
         self.log_prototype_weight = (nn.Parameter(torch.tensor(math.log(prototype_prompts)))
@@ -192,7 +193,7 @@ class MetaContrastiveModule(L.LightningModule):
                 features: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskView:
         """The model's view of ``task`` conditioned on ``row`` (with its tower features, if computed already);
         outside training, an ``unknown`` row starts from a blend of the known domains when ``unseen`` is ``blend``."""
-        view = TaskView(self.model, task, row, self.towers_adapt, self.prototype_weight, features)
+        view = TaskView(self.model, task, row, self.adapted, self.prototype_weight, features)
         if not train and row == self.model.unknown_domain and self.hparams.unseen == "blend" and self.model.domain is not None:
             blend_domains(view, list(range(len(self.domains))))
         return view
@@ -314,13 +315,14 @@ class MetaContrastiveModule(L.LightningModule):
         """
         batch = [view.task for view in views]
         features, leaves = [], []  # tower outputs that carry a graph, and the leaves standing in for them
-        for view in views:
-            if view._features is not None:
-                pair = tuple(f.detach().requires_grad_(f.requires_grad) for f in view._features)
-                features += [f for f in view._features if f.requires_grad]
+        for i, view in enumerate(views):
+            inputs = view.inputs()
+            if inputs is not None:
+                pair = tuple(f.detach().requires_grad_(f.requires_grad) for f in inputs)
+                features += [f for f in inputs if f.requires_grad]
                 leaves += [f for f in pair if f.requires_grad]
-                view._features = pair
-        align, dz = views[0].images.new_zeros(()), [None] * len(views)
+                views[i] = view.with_inputs(*pair, view.domain_row)
+        align, dz = self.model.logit_scale.new_zeros(()), [None] * len(views)
         if weight > 0:
             # the embeddings' values only: base ones need no inner loop; for adapted ones, first order gives the
             # same weights without the second-order graph

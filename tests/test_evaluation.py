@@ -15,7 +15,7 @@ from torch import nn
 from metacontrastive import evaluation, stacked
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.episodes import Task
-from metacontrastive.evaluation import METHODS, Episode, EvalOptions, evaluate, logistic_regression, predict
+from metacontrastive.evaluation import METHODS, Episode, EvalOptions, evaluate, logistic_regression, methods_for, predict
 from metacontrastive.losses import contrastive_loss
 from metacontrastive.meta import TaskView, adapt_and_score, class_means
 from metacontrastive.models.clip import EncoderConfig
@@ -332,8 +332,8 @@ def test_unknown_methods_and_caption_tasks_are_clear_errors(module):
 
 def test_evaluation_restores_the_training_mode_and_keeps_no_graph(module, episode_sets):
     module.train()
-    results = evaluate(module, episode_sets[:1], list(METHODS), progress=False)
-    assert module.training and len(results) == len(METHODS)
+    results = evaluate(module, episode_sets[:1], methods_for(module), progress=False)
+    assert module.training and len(results) == len(methods_for(module))
     assert all(p.grad is None for p in module.parameters())
     module.eval()
 
@@ -365,8 +365,8 @@ def test_variable_way_variable_shot_episodes_score_every_method_in_groups_of_one
 
     dm = EpisodicDataModule(root=str(demo_root), **SMALL)
     (variable,) = [s for s in dm.episode_sets("test", [1], count=8, variable=VariableShape(max_ways=4, queries=3)) if s.variable][:1]
-    results = evaluate(module, [variable], list(METHODS), chunk=4, progress=False)
-    assert {r.method for r in results} == set(METHODS) and all(r.shots == 0 and r.episodes == 8 for r in results)
+    results = evaluate(module, [variable], methods_for(module), chunk=4, progress=False)
+    assert {r.method for r in results} == set(methods_for(module)) and all(r.shots == 0 and r.episodes == 8 for r in results)
     assert all(0.0 <= r.acc <= 1.0 for r in results)
     assert "2-4-way variable-shot" in markdown_table(results)
 

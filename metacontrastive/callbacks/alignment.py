@@ -43,8 +43,8 @@ def probe_embeddings(pl_module: L.LightningModule, datamodule, probe_size: int, 
         with torch.no_grad():
             model, row = pl_module.model, pl_module.domain_row(s.name)
             if records[0].features is not None:  # the pool carries the frozen tower's cached features
-                h = torch.stack([r.features for r in records]).to(device)  # (n, F_I)
-                z = model.embed_image(model.image_features(None, cached=(h, datamodule.spec.tower)), row)  # (n, D)
+                h = torch.stack([r.features for r in records]).to(device)  # (n, F_I), or trunk activations
+                z = model.encode_image(None, row, cached=(h, datamodule.spec.tower))  # (n, D)
             else:
                 z = model.encode_image(images.to(device), row)  # (n, D)
         out[s.name] = {"z": z.cpu(), "labels": labels, "images": images, "classes": [s.classes[i] for i in labels]}

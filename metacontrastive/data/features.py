@@ -9,7 +9,8 @@ once per image, written beside the shards, and streamed instead of the images. L
 where ``<cache root>`` is the shards root (or ``data.feature_dir``) and ``<spec>`` names everything the
 features depend on (``FeatureSpec.folder``): the tower, a digest of its weights, its input size and the
 side images are decoded at. A feature file holds its shard's sample keys, labels, captions and features
-(n, F) float32, the spec it was made for and the identity of the shard it was made from (a SHA-1 of a
+(n, F) float32 (or, for a tower cut into trunk and tail, ``models.tail``, the trunk's activations (n, C, h, w) in
+float16), the spec it was made for and the identity of the shard it was made from (a SHA-1 of a
 local tar). A file whose spec or shard does not match is stale: it is rebuilt when the cache is built,
 and refused when only read, never read as if it were right.
 
@@ -174,7 +175,9 @@ def _compute(url: str, tower: nn.Module, spec: FeatureSpec, device: torch.device
 
     def flush() -> None:
         images = torch.stack([r.image for r in batch]).to(device).float().div_(255.0)  # (b, 3, H, W)
-        chunks.append(tower(images).float().cpu())  # (b, F)
+        features = tower(images).float().cpu()  # (b, F) pooled features, or a cut tower's trunk activations (b, C, h, w)
+        # activations are many values per image: float16 halves the cache (relative error about 5e-4)
+        chunks.append(features.half().contiguous() if features.ndim > 2 else features)
         bar.update(len(batch))
         batch.clear()
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from metacontrastive.data.features import FrozenTower
 from metacontrastive.errors import BadInput
-from metacontrastive.models.conditioning import DomainEmbedding, FiLM
+from metacontrastive.models.conditioning import DomainEmbedding, FiLM, TailFiLM
+from metacontrastive.models.tail import Tail, split_tail
 from metacontrastive.models.towers import build_towers
 from metacontrastive.models.towers.base import parameter_device, support_statistics, weights_digest
 
@@ -88,6 +89,13 @@ class EncoderConfig:
         grad_checkpointing: recompute the trainable timm and transformers towers' activations in the backward
             pass instead of keeping them (``Tower.set_grad_checkpointing``): less memory for large towers and
             meta-batches, about one more tower forward of time.
+        tail: where the image tower is cut (``models.tail``): ``none`` (the pooled features are the tower's output,
+            image FiLM acts on them), ``head`` (the 1x1 head conv and its BatchNorm are the tail) or ``last_stage``
+            (the last stage and the head). With a tail, the feature cache holds the trunk's activations, the tail
+            runs on them, and ``condition_image`` puts FiLM after each of the tail's BatchNorms instead of on the
+            pooled features. EfficientNet towers only.
+        train_tail: the tail's weights train (and may adapt in the inner loop: ``adapt_scope=tail``) from the
+            pretrained ones; else they stay frozen like the trunk.
     """
 
     image_tower: str = "tiny"
@@ -107,6 +115,8 @@ class EncoderConfig:
     center_support: bool = False
     support_norm: bool = False
     grad_checkpointing: bool = False
+    tail: Tail = "none"
+    train_tail: bool = False
 
 
 class DomainConditionedCLIP(nn.Module):
@@ -129,12 +139,21 @@ class DomainConditionedCLIP(nn.Module):
                                  "hf: / minilm towers do; the small built-in towers keep few activations): set it to false")
             for tower in towers:
                 tower.set_grad_checkpointing(True)
-        img_dim, txt_dim = self.image_tower.out_dim, self.text_tower.out_dim
+        # with a tail, the image tower returns its trunk's activations and the tail the pooled features
+        self.image_tail = split_tail(self.image_tower, config.tail) if config.tail != "none" else None
+        if self.image_tail is not None:
+            self.image_tail.requires_grad_(not self.image_tower.frozen or config.train_tail)
+        elif config.train_tail:
+            raise ValueError("model.encoder.train_tail=true needs a tail: set model.encoder.tail=head or last_stage")
+        img_dim = self.image_tail.out_dim if self.image_tail is not None else self.image_tower.out_dim
+        txt_dim = self.text_tower.out_dim
         conditioned = config.condition_image or config.condition_text
         # without conditioning there is no domain embedding at all: an unused parameter breaks DDP
         self.domain = DomainEmbedding(num_domains, config.domain_dim) if conditioned else None
         self.num_domains = num_domains
-        self.film_image = FiLM(config.domain_dim, img_dim) if config.condition_image else None
+        tail_film = config.condition_image and self.image_tail is not None
+        self.film_image = FiLM(config.domain_dim, img_dim) if config.condition_image and not tail_film else None
+        self.film_tail = TailFiLM(config.domain_dim, self.image_tail.film_channels) if tail_film else None
         self.film_text = FiLM(config.domain_dim, txt_dim) if config.condition_text else None
         self.head_image = ProjectionHead(img_dim, config.hidden_dim, config.embed_dim, config.residual_image_head)
         self.head_text = ProjectionHead(txt_dim, config.hidden_dim, config.embed_dim)
@@ -176,9 +195,10 @@ class DomainConditionedCLIP(nn.Module):
 
     @property
     def image_tower_id(self) -> str:
-        """Names the image tower, its weights and its input size: what cached features were made by."""
+        """Names the image tower, its weights, its input size and where it is cut: what cached features were made by."""
         size = getattr(self.image_tower, "input_size", None)
-        return f"{self.config.image_tower}@{self.digest('image_tower')[:16]}@{size[0] if size else 'any'}px"
+        cut = f"@trunk-{self.config.tail}" if self.image_tail is not None else ""
+        return f"{self.config.image_tower}@{self.digest('image_tower')[:16]}@{size[0] if size else 'any'}px{cut}"
 
     def frozen_image_tower(self, adapted: bool = False) -> FrozenTower:
         """The image tower as the data path sees it (``data.features``); ``adapted``: it sits in the inner loop's
@@ -194,21 +214,22 @@ class DomainConditionedCLIP(nn.Module):
         self, images: torch.Tensor | None, texts: list[str], fast: Mapping[str, nn.Module] | None = None,
         support: int | None = None, cached: tuple[torch.Tensor, str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tower features h_I (B, F_I) and h_T (M, F_T): ``image_features`` and ``text_features`` together."""
+        """Tower features h_I and h_T (M, F_T): ``image_features`` and ``text_features`` together."""
         return self.image_features(images, fast, support, cached), self.text_features(texts, fast)
 
     def image_features(
         self, images: torch.Tensor | None, fast: Mapping[str, nn.Module] | None = None, support: int | None = None,
         cached: tuple[torch.Tensor, str] | None = None,
     ) -> torch.Tensor:
-        """Image tower features h_I (B, F_I).
+        """Image tower features: h_I (B, F_I), or with a tail the trunk's activations (B, C, h, w).
 
         Args:
             images: (B, 3, H, W) images in [0, 1] (None when ``cached`` gives their features).
             fast: adapted replacements for parts of the model.
             support: the first ``support`` images are a task's support set (for ``support_norm``).
-            cached: (B, F_I) the image tower's features, computed before, and the id of the tower that made
-                them: the tower is then the identity on them, after a check that it is the tower they name.
+            cached: the image tower's features (or trunk activations, float16 in the cache), computed before, and the
+                id of the tower that made them: the tower is then the identity on them, after a check that it is the
+                tower they name.
         """
         if cached is not None:
             h_image, made_by = cached
@@ -216,7 +237,7 @@ class DomainConditionedCLIP(nn.Module):
                 raise BadInput(f"cached image features were made by {made_by}, but this model's image tower is "
                                f"{self.config.image_tower} ({'trainable' if not self.image_tower.frozen else self.image_tower_id}): "
                                "rebuild the feature cache (data.feature_cache) for this tower, or turn it off")
-            return h_image
+            return h_image.float()
         image_tower = self._part("image_tower", fast)
         norm = (support_statistics(image_tower, images[:support])
                 if self.config.support_norm and support and not self.training else contextlib.nullcontext())
@@ -271,26 +292,44 @@ class DomainConditionedCLIP(nn.Module):
         """
         return self.embed_image(h_image, domain_id, fast), self.embed_text(h_text, domain_id, fast)
 
-    def encode_image(self, images: torch.Tensor, domain_id: int | torch.Tensor) -> torch.Tensor:
-        """Normalised embeddings (B, D) of images (B, 3, H, W) in the domain's conditioning."""
-        return self.embed_image(self.image_tower(images), domain_id)
+    def tail_features(self, h: torch.Tensor, domain_id: int | torch.Tensor | None = None,
+                      fast: Mapping[str, nn.Module] | None = None, prefixed: bool = False) -> torch.Tensor:
+        """The pooled image features (B, F_I) that FiLM and the head read: ``image_features`` themselves without a tail;
+        with one, the tail on trunk activations h (B, C, h, w) (or on its prefix, ``prefixed``), its FiLM conditioned
+        on ``domain_id`` (None: no FiLM, the frozen tower's own features)."""
+        tail = self._part("image_tail", fast)
+        if tail is None:
+            return h
+        film = self._part("film_tail", fast)
+        coefficients = film(self._conditioning(domain_id, fast, h.device)) if film is not None and domain_id is not None else None
+        return tail(h, coefficients, prefixed)
+
+    def encode_image(self, images: torch.Tensor | None, domain_id: int | torch.Tensor,
+                     cached: tuple[torch.Tensor, str] | None = None) -> torch.Tensor:
+        """Normalised embeddings (B, D) of images (B, 3, H, W), or of their ``cached`` features, in the domain's
+        conditioning."""
+        return self.embed_image(self.tail_features(self.image_features(images, cached=cached), domain_id), domain_id)
+
+    def _conditioning(self, domain_id: int | torch.Tensor, fast: Mapping[str, nn.Module] | None,
+                      device: torch.device) -> torch.Tensor:
+        """The conditioning vector of a domain id (1, C), of per-row ids (B, C), or a given vector (C,) itself."""
+        if torch.is_tensor(domain_id) and domain_id.is_floating_point():  # a blend of domain embeddings
+            return domain_id
+        return self._part("domain", fast)(torch.as_tensor(domain_id, device=device).reshape(-1))
 
     def _embed(self, modality: str, h: torch.Tensor, domain_id: int | torch.Tensor,
                fast: Mapping[str, nn.Module] | None) -> torch.Tensor:
         film = self._part(f"film_{modality}", fast)
         if film is not None:
-            if torch.is_tensor(domain_id) and domain_id.is_floating_point():  # a conditioning vector itself (C,)
-                cond = domain_id
-            else:
-                cond = self._part("domain", fast)(torch.as_tensor(domain_id, device=h.device).reshape(-1))  # (1 or B, C)
-            h = film(h, cond)
+            h = film(h, self._conditioning(domain_id, fast, h.device))
         return F.normalize(self._part(f"head_{modality}", fast)(h), dim=-1)
 
     def forward(
         self, images: torch.Tensor, texts: list[str], domain_id: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed images and texts of one domain: normalised (B, D) and (M, D)."""
-        return self.embed(*self.features(images, texts), domain_id)
+        h_image, h_text = self.features(images, texts)
+        return self.embed(self.tail_features(h_image, domain_id), h_text, domain_id)
 
     def _part(self, name: str, fast: Mapping[str, nn.Module] | None) -> nn.Module | None:
         if fast is not None and name in fast:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DomainEmbedding", "FiLM"]
+__all__ = ["DomainEmbedding", "FiLM", "TailFiLM"]
 
 
 class DomainEmbedding(nn.Module):
@@ -50,3 +50,25 @@ class FiLM(nn.Module):
         """Args: h (B, F) features; cond (B, C) or (C,) conditioning. Returns (B, F)."""
         delta_gamma, beta = self.to_gamma_beta(cond).chunk(2, dim=-1)  # (B, F) each
         return (1.0 + delta_gamma) * h + beta
+
+
+class TailFiLM(nn.Module):
+    """The FiLM coefficients of every BatchNorm of an image tail (``models.tail.ImageTail``) from a conditioning
+    vector: delta_gamma and beta, zero at initialisation (the tail is then the frozen tower's).
+
+    Args:
+        cond_dim: size of the conditioning vector e.
+        channels: the channels of each FiLM point of the tail.
+    """
+
+    def __init__(self, cond_dim: int, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.channels = tuple(channels)
+        self.to_gamma_beta = nn.Linear(cond_dim, 2 * sum(self.channels))
+        nn.init.zeros_(self.to_gamma_beta.weight)
+        nn.init.zeros_(self.to_gamma_beta.bias)
+
+    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: cond (B, C) or (C,). Returns delta_gamma and beta, (B or 1, sum(channels)) each."""
+        delta_gamma, beta = self.to_gamma_beta(cond.reshape(-1, cond.shape[-1])).chunk(2, dim=-1)
+        return delta_gamma, beta

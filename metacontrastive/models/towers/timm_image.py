@@ -55,6 +55,7 @@ class TimmImageTower(Tower):
         self.out_dim = getattr(model, "head_hidden_size", None) or model.num_features
 
     supports_grad_checkpointing = True
+    trunk_only = False  # cut by ``models.tail.split_tail``: the activations before the tail, (B, C, h, w)
 
     def set_grad_checkpointing(self, enable: bool = True) -> TimmImageTower:
         self.model.set_grad_checkpointing(enable)  # timm checkpoints block by block
@@ -62,7 +63,8 @@ class TimmImageTower(Tower):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = resize(images, self.input_size, self.interpolation)  # (B, 3, S, S)
-        return self.model(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))  # (B, out_dim)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return self.model.forward_features(x) if self.trunk_only else self.model(x)  # (B, C, h, w) or (B, out_dim)
 
 
 def timm_image_tower(model_name: str, pretrained: str | None = None, image_size: int | None = None) -> TimmImageTower:
