@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from metacontrastive.data.episodes import Task
-from metacontrastive.evaluation import METHODS, Episode, EvalOptions, predict
+from metacontrastive.evaluation import Episode, EvalOptions, methods_for, predict
 from metacontrastive.models.clip import EncoderConfig
 from metacontrastive.module import MetaContrastiveModule
 
@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", type=int, default=100, help="timed episodes per method")
     parser.add_argument("--chunk", type=int, default=50, help="episodes per predict call (evaluate's chunk)")
-    parser.add_argument("--methods", default="all", help="comma-separated names of METHODS, or all")
+    parser.add_argument("--methods", default="all", help="comma-separated method names, or all (every method the model can run)")
     parser.add_argument("--ways", type=int, default=5)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--queries", type=int, default=15)
@@ -102,8 +102,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     module = build_module(args.image_dim, args.text_dim)
+    methods = methods_for(module) if args.methods == "all" else args.methods.split(",")
     episodes = build_episodes(module, max(args.episodes, args.chunk), args.ways, args.shots, args.queries,
                               args.image_size, args.image_dim, args.text_dim)[: args.episodes]
     print(f"{args.ways}-way {args.shots}-shot {args.queries}-query, features {args.image_dim}/{args.text_dim}, "

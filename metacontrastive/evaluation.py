@@ -149,12 +149,13 @@ class Episode:
     h_trunk: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, module: nn.Module, task: Task, row: int) -> Episode:
-        """The episode of ``task`` under ``module`` (a ``MetaContrastiveModule``), conditioned on ``row``."""
+    def of(cls, module: nn.Module, task: Task, row: int, unseen: str | None = None) -> Episode:
+        """The episode of ``task`` under ``module`` (a ``MetaContrastiveModule``), conditioned on ``row`` (``unseen``:
+        how an ``unknown`` row starts, overriding the model's ``unseen``)."""
         if not task.labelled:
             raise ValueError(f"domain {task.domain!r}: few-shot evaluation needs labelled episodes, not caption tasks")
         with torch.no_grad():  # frozen features: no method differentiates into the towers (unless they adapt)
-            view = module.view_of(task, row)  # an unseen domain's row may become a blend of the known ones
+            view = module.view_of(task, row, unseen=unseen)  # an unseen domain's row may become a blend of the known ones
             h_model, h_text = view.features()  # (S + Q, F_I), (N * P, F_T): P prompts per class
             towers = hasattr(view, "tower_features")  # the towers ran once (they do not adapt)
             h_image = view.tower_pooled() if towers else h_model  # the tower's own
@@ -395,7 +396,7 @@ class Result:
     """One row of the results table: a method on one domain's episodes of one shape."""
 
     domain: str
-    conditioning: str  # the domain-table row used: the domain's own, or "unknown"
+    conditioning: str  # the domain-table row used: the domain's own, "unknown", or "blend" (of the known rows)
     method: str
     ways: int
     shots: int
@@ -420,6 +421,7 @@ def evaluate(
     holdout: Iterable[str] = (),
     chunk: int = 50,
     progress: bool = True,
+    unseen: str | None = None,
 ) -> list[Result]:
     """Score ``methods`` on every episode of every set: the same episodes, in the same order, for each.
 
@@ -431,6 +433,8 @@ def evaluate(
         holdout: domains conditioned on the ``unknown`` embedding even if the model knows them.
         chunk: episodes scored together (the trained methods train one copy per episode at once).
         progress: show a progress bar.
+        unseen: how a domain conditioned on ``unknown`` starts: ``unknown`` or ``blend`` (default: the model's
+            ``unseen``); its rows say which (``conditioning``).
 
     Returns:
         One ``Result`` per (set, method), in that order.
@@ -454,7 +458,7 @@ def evaluate(
             seconds = dict.fromkeys(methods, 0.0)
             prompt_cos = []  # per episode: mean cosine between its un-adapted class prompts
             for indices in _chunks(episodes, chunk):
-                batch = [Episode.of(module, _to(episodes[i], device), row) for i in indices]
+                batch = [Episode.of(module, _to(episodes[i], device), row, unseen) for i in indices]
                 for ep in batch:
                     prompt_cos.append(mean_cosine(ep.z_text))
                 targets = torch.stack([ep.task.query_labels for ep in batch])  # (B, Q)
@@ -468,11 +472,12 @@ def evaluate(
                         scores[method]["f1"].update(f1.cpu())
                 bar.update(len(batch))
             known = row != module.model.unknown_domain
+            blended = "blend" if (unseen or module.hparams.unseen) == "blend" and module.model.domain is not None else "unknown"
             _warn_collapsed_prompts(domain, float(torch.stack(prompt_cos).mean()), methods)
             for method in methods:
                 acc, f1 = scores[method]["acc"].compute(), scores[method]["f1"].compute()
                 results.append(Result(
-                    domain=domain, conditioning=domain if known else "unknown", method=method,
+                    domain=domain, conditioning=domain if known else blended, method=method,
                     ways=episodes.shape.ways, shots=0 if episodes.variable else episodes.shape.shots,
                     queries=max(len(ix) - k for (_, ix), k in zip(episodes.draws[0], episodes.shots[0])) if episodes.variable
                     else episodes.shape.queries,

@@ -190,11 +190,13 @@ class MetaContrastiveModule(L.LightningModule):
         return self._rows.get(domain, self.model.unknown_domain)
 
     def view_of(self, task: Task, row: int, train: bool = False,
-                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> TaskView:
+                features: tuple[torch.Tensor, torch.Tensor] | None = None, unseen: str | None = None) -> TaskView:
         """The model's view of ``task`` conditioned on ``row`` (with its tower features, if computed already);
-        outside training, an ``unknown`` row starts from a blend of the known domains when ``unseen`` is ``blend``."""
+        outside training, an ``unknown`` row starts from a blend of the known domains when ``unseen`` (default: the
+        model's ``unseen``) is ``blend``."""
         view = TaskView(self.model, task, row, self.adapted, self.prototype_weight, features)
-        if not train and row == self.model.unknown_domain and self.hparams.unseen == "blend" and self.model.domain is not None:
+        unseen = unseen or self.hparams.unseen
+        if not train and row == self.model.unknown_domain and unseen == "blend" and self.model.domain is not None:
             blend_domains(view, list(range(len(self.domains))))
         return view
 
