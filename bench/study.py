@@ -1,22 +1,30 @@
 """The cross-domain study (``make study``): does DCMCL help few-shot adaptation on pretrained towers, against what
 people use today, on the near domains and on the far ones?
 
-One command, from the raw folders of ``--data`` (``../shared/data``, see its README) to a table and plots:
+One command, from the raw folders of ``--data`` (``../shared/data``, see its README) to a table and plots, on the
+far-domain protocol of BSCD-FSL (Guo et al. 2020):
 
-1. **convert** each domain at ``--size`` px with class-disjoint splits (``natural`` CIFAR-10, ``aerial`` AID,
-   ``textures`` DTD, ``skin`` HAM10000 as training domains with train / val / test classes; ``mri``, the brain
-   MRI ``Testing/`` folder, test-only: a domain no model trains on, adapted from the ``unknown`` embedding);
-2. **cache** the frozen image tower's features of every split once (``metacontrastive.data.features``);
-3. **train** every preset of ``--presets`` for every seed of ``--seeds`` on the frozen towers
-   (``conf/pretrained.yaml``, then ``conf/ablations/<preset>.yaml``, then ``conf/study/<preset>.yaml`` if present);
-4. **evaluate** every method on the same seeded test episodes of every domain (``--episodes`` per domain and
-   shots; with ``--variable``, also Meta-Dataset's variable-way variable-shot episodes): the methods that read no
-   trained weights (pixels, the two feature baselines, the projection baseline) once, the others per run;
+1. **convert** each domain at ``--size`` px: the near domains (``natural`` CIFAR-10, ``aerial`` AID, ``textures``
+   DTD) with class-disjoint train / val / test splits, trained on; the far domains (``skin`` HAM10000, 7 classes;
+   ``mri``, the brain MRI ``Testing/`` folder, 4 classes) test-only with all their classes: no model trains on them,
+   they are adapted from the ``unknown`` embedding (and, for ``dcmcl``, also from the blend of the known ones);
+2. **cache** the frozen image tower's features of every split once (``metacontrastive.data.features``; the
+   trunk's activations for a cut tower);
+3. **score the untrained methods once** (pixels, the two feature baselines, the projection baseline and the two
+   baselines that adapt inside the tower, ``tail_finetune`` and ``tail_film``) on the pretrained towers, cut at
+   ``--baseline-tail``;
+4. **train** every preset of ``--presets`` for every seed of ``--seeds`` on the frozen towers
+   (``conf/pretrained.yaml``, then ``conf/ablations/<preset>.yaml``, then ``conf/study/<preset>.yaml`` if present;
+   ``intower`` adapts the FiLM of the tower's head inside its inner loop) and score the methods that read its
+   weights on the same seeded episodes: ``--episodes`` per domain and shots (1, 5, 20), ``--eval-ways`` classes
+   (capped per domain: natural and textures have 2 test classes, MRI 4), 15 queries; ``--split val`` scores the
+   validation classes of the training domains instead, to choose a recipe;
 5. **report**: ``results.md`` (mean over seeds ± the 95% Student-t interval across seeds; a method that trains
-   nothing keeps its episode interval), the paired difference of DCMCL against the best baseline of each domain,
-   seed by seed, ``results.json`` and plots (accuracy against shots per domain; the paired differences), and
-   ``f1.md``: the second seed paper's claim, the projection's macro-F1 against the frozen features' own
-   baselines. Training and evaluation times are in ``results.json``.
+   nothing keeps its episode interval), ``verdict.md``: each method of ``--decide`` against the best baseline of
+   each domain and shots, paired over seeds (2-way cells flagged: they weigh less), ``results.json`` and plots
+   (accuracy against shots per domain; the paired differences), and ``f1.md``: the second seed paper's claim, the
+   projection's macro-F1 against the frozen features' own baselines. Training and evaluation times are in
+   ``results.json``.
 
 Everything that can be reused is: converted shards and their manifests (``--work``), the feature cache (beside
 the shards), and trained runs (``--work``/logs: a run whose ``last.ckpt`` exists is evaluated, not retrained,
@@ -24,7 +32,7 @@ unless ``--retrain``).
 
 Usage:
     python bench/study.py [--data ../shared/data] [--work runs/study] [--out results/study] [--seeds 0,1,2]
-        [--presets contrastive,conditioned,maml,full,projection,recipe] [--steps 300] [--episodes 600] [--shots 1,5]
+        [--presets recipe,intower,...] [--steps 300] [--episodes 600] [--shots 1,5,20] [--split test]
         [--variable] [--domains natural,aerial,textures,skin,mri]
 """
 from __future__ import annotations
@@ -54,10 +62,12 @@ from metacontrastive.evaluation import METHODS, Result, evaluate
 from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import markdown_table, mean_over_seeds, plot_accuracy_vs_shots, write_results
 
-PRESETS = ("contrastive", "conditioned", "maml", "full", "projection", "recipe")
-UNTRAINED = ("pixels", "feature_centroid", "feature_probe", "projection")  # read no trained weight: scored once
+PRESETS = ("contrastive", "conditioned", "maml", "full", "projection", "recipe", "intower")
+# read no trained weight: scored once, on the untrained model with its tower cut (``--baseline-tail``)
+UNTRAINED = ("pixels", "feature_centroid", "feature_probe", "projection", "tail_finetune", "tail_film")
 TRAINED = ("zero_shot", "prototype", "linear_probe", "tip_adapter", "finetune", "dcmcl")
-BASELINES = ("feature_centroid", "feature_probe", "finetune", "tip_adapter", "projection")  # what DCMCL must beat
+BASELINES = ("feature_centroid", "feature_probe", "finetune", "tip_adapter", "projection", "tail_finetune",
+             "tail_film")  # what DCMCL must beat
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -86,7 +96,7 @@ DOMAINS = (
     Domain("natural", "cifar10-test", "a photo of a {label}", near=True),
     Domain("aerial", "aid-aerial", "an aerial photograph of {label}", near=True),
     Domain("textures", "dtd-textures", "a photo of a {label} texture", near=True),
-    Domain("skin", "ham10000-skin", "a dermoscopy image of {label}", near=False, split=(3 / 7, 2 / 7, 2 / 7), labels={
+    Domain("skin", "ham10000-skin", "a dermoscopy image of {label}", near=False, split=None, labels={
         "akiec": "actinic keratosis", "bcc": "basal cell carcinoma", "bkl": "benign keratosis", "df": "dermatofibroma",
         "mel": "melanoma", "nv": "melanocytic nevus", "vasc": "vascular lesion"}),
     Domain("mri", "brain-tumor-mri/Testing", "a brain MRI showing {label}", near=False, split=None,
@@ -163,11 +173,34 @@ def train(preset: str, seed: int, args: argparse.Namespace) -> tuple[MetaContras
 
 
 def episode_sets(module: MetaContrastiveModule, datamodule: EpisodicDataModule, args: argparse.Namespace) -> list:
-    """The test episodes of every domain: the same for every run (seeded by the evaluation seed alone)."""
-    datamodule.setup("test")
+    """The ``--split`` episodes of every domain: the same for every run (seeded by the evaluation seed alone)."""
+    datamodule.setup("validate" if args.split == "val" else "test")
     datamodule.attach(module.model.frozen_image_tower(module.towers_adapt), progress=False)
     variable = VariableShape(max_ways=args.eval_ways, max_shots=20, max_support=100, queries=10) if args.variable else None
-    return datamodule.episode_sets("test", args.shots, args.episodes, labelled_only=True, variable=variable)
+    return datamodule.episode_sets(args.split, args.shots, args.episodes, labelled_only=True, variable=variable)
+
+
+def untrained(args: argparse.Namespace) -> tuple[MetaContrastiveModule, EpisodicDataModule]:
+    """The model that the methods reading no trained weight are scored on: the pretrained towers of
+    ``conf/pretrained.yaml`` untrained, the image tower cut at ``--baseline-tail`` (the tail methods need the cut;
+    the others read the same features either way), so their rows do not depend on which preset runs first."""
+    cli = MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False,
+                  args=fit_args("baseline", 0, args) + [f"--model.encoder.tail={args.baseline_tail}"],
+                  trainer_defaults={"inference_mode": False}, save_config_kwargs={"overwrite": True})
+    return cli.model, cli.datamodule
+
+
+def score(module: MetaContrastiveModule, sets: list, methods: list[str], prefix: str, args: argparse.Namespace) -> list[Result]:
+    """Every method on every set, rows labelled ``<prefix>/<method>``; on the far domains ``dcmcl`` also from the
+    blend of the known domain embeddings (``<prefix>/dcmcl@blend``) besides its ``unknown`` start."""
+    label = (lambda r: f"{prefix}/{r.method}") if prefix else (lambda r: r.method)
+    rows = [dataclasses.replace(r, method=label(r)) for r in evaluate(module, sets, methods, progress=True)]
+    far = {d.name for d in args.domains if not d.near}
+    if "dcmcl" in methods and module.model.domain is not None:
+        far_sets = [s for s in sets if s.pool.split.name in far]
+        rows += [dataclasses.replace(r, method=f"{label(r)}@blend")
+                 for r in evaluate(module, far_sets, ["dcmcl"], progress=True, unseen="blend")]
+    return rows
 
 
 def _kind(label: str) -> str:
@@ -206,6 +239,8 @@ def verdict(rows: list[tuple[int, Result]], table: list[Result], method: str, ar
         within = 100 * (r.acc - b.acc) >= -1.0
         verdict_text = (("wins: intervals apart" if apart else "level or below") if not near[domain] else
                         ("within 1 point or above" if within else "more than 1 point below"))
+        if r.ways == 2:
+            verdict_text += " (2-way: less weight)"
         lines.append(f"| {domain} | {shots if shots else 'variable'} | {100 * r.acc:.1f} ± {100 * r.acc_ci95:.1f} | {best} | "
                      f"{100 * b.acc:.1f} ± {100 * b.acc_ci95:.1f} | {statistics.mean(diff):+.1f} ± {half:.1f} | "
                      + ", ".join(f"{s}: {d:+.1f}" for s, d in zip(seeds, diff)) + f" | {verdict_text} |")
@@ -261,19 +296,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=300, help="training steps per run")
     parser.add_argument("--episodes", type=int, default=600, help="test episodes per domain and shots")
-    parser.add_argument("--shots", default="1,5")
-    parser.add_argument("--ways", type=int, default=3, help="classes per training task (skin has 3 training classes)")
+    parser.add_argument("--shots", default="1,5,20")
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="score the validation classes of the "
+                        "training domains (to choose a recipe) or the test classes and the far domains (the verdict)")
+    parser.add_argument("--ways", type=int, default=5, help="classes per training task")
     parser.add_argument("--eval-ways", type=int, default=5, help="classes per test episode, capped per domain")
     parser.add_argument("--variable", action="store_true", help="also variable-way variable-shot test episodes")
     parser.add_argument("--methods", default=",".join(UNTRAINED + TRAINED), help=f"from {list(METHODS)}")
-    parser.add_argument("--decide", default="recipe/dcmcl", help="the method judged against the best baseline")
+    parser.add_argument("--decide", default="intower/dcmcl,intower/dcmcl@blend,recipe/dcmcl",
+                        help="the methods judged against the best baseline, comma-separated (the plot shows the first)")
+    parser.add_argument("--baseline-tail", default="head", choices=("head", "last_stage"),
+                        help="where the untrained model's tower is cut for tail_finetune and tail_film")
     parser.add_argument("--size", type=int, default=128, help="image side of the shards")
     parser.add_argument("--per-class", type=int, default=300, help="images kept per class when converting")
     parser.add_argument("--split-seed", type=int, default=0, help="seeds the class splits and the per-class cap")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a CLI override for every run")
     parser.add_argument("--callbacks", action="store_true", help="train with conf/default.yaml's callbacks (diagnostics "
                         "in TensorBoard, checkpoints; slower)")
-    parser.add_argument("--finetune-presets", default="contrastive,recipe", help="presets whose runs are also scored "
+    parser.add_argument("--finetune-presets", default="recipe", help="presets whose runs are also scored "
                         "with finetune (the costliest method, about 0.1 s an episode on a CPU; 'all' for every preset)")
     parser.add_argument("--retrain", action="store_true", help="train runs again even where last.ckpt exists")
     args = parser.parse_args()
@@ -300,40 +340,43 @@ def main() -> None:
     start = time.perf_counter()
     timings: dict = {"convert_s": sum(convert(d, args) for d in args.domains)}
     rows: list[tuple[int, Result]] = []
-    runs, untrained_done = [], False
+    runs = []
+    once = [m for m in args.methods if m in UNTRAINED]
+    if once:  # read no trained weight: scored once, on the untrained model
+        eval_start = time.perf_counter()
+        module, datamodule = untrained(args)
+        rows += [(None, r) for r in score(module, episode_sets(module, datamodule, args), once, "", args)]
+        timings["evaluate_untrained_s"] = time.perf_counter() - eval_start
+        print(f"untrained methods scored in {timings['evaluate_untrained_s']:.0f}s", flush=True)
     for seed in (int(s) for s in args.seeds.split(",") if s):
         for preset in args.presets.split(","):
             module, datamodule, record = train(preset, seed, args)
             sets = episode_sets(module, datamodule, args)
             eval_start = time.perf_counter()
-            if not untrained_done:  # the same in every run: once
-                once = [m for m in args.methods if m in UNTRAINED]
-                rows += [(seed, r) for r in evaluate(module, sets, once, progress=True)]
-                timings["evaluate_untrained_s"] = time.perf_counter() - eval_start
-                untrained_done = True
-                eval_start = time.perf_counter()
             trained = [m for m in args.methods if m in TRAINED and (m != "finetune" or args.finetune_presets == "all"
                                                                    or preset in args.finetune_presets.split(","))]
-            rows += [(seed, dataclasses.replace(r, method=f"{preset}/{r.method}"))
-                     for r in evaluate(module, sets, trained, progress=True)]
+            rows += [(seed, r) for r in score(module, sets, trained, preset, args)]
             record["evaluate_s"] = time.perf_counter() - eval_start
             runs.append(record)
             print(f"seed {seed} {preset}: {'trained' if record['trained'] else 'loaded'} in {record['fit_s']:.0f}s, "
                   f"evaluated in {record['evaluate_s']:.0f}s", flush=True)
     table = mean_over_seeds([r for _, r in rows])
     timings["total_s"] = time.perf_counter() - start
-    seeds = sorted({s for s, _ in rows})
+    seeds = sorted({s for s, _ in rows if s is not None})
     note = (f"{args.steps} training steps per run, seeds {', '.join(map(str, seeds))}: mean over seeds ± the 95% Student-t "
             "interval across seeds; methods that train nothing (pixels, feature_centroid, feature_probe, projection) ± "
             f"their 95% interval over episodes. Whole study: {timings['total_s'] / 60:.1f} minutes.")
     write_results(table, args.out, {k: str(v) for k, v in vars(args).items()}, timings["total_s"], note,
                   "Student t across seeds")
-    decisions_md, decisions = verdict(rows, table, args.decide, args)
+    judged = [verdict(rows, table, method, args) for method in args.decide.split(",")]
+    decisions_md = "\n".join(md for md, _ in judged)
+    decisions = [d for _, ds in judged for d in ds]
     (args.out / "verdict.md").write_text(decisions_md)
     (args.out / "f1.md").write_text(f1_claim(table))
-    plot_differences(decisions, args.out / "paired_differences.png")
-    decided = args.decide.split("/")[0]
-    shown = set(UNTRAINED) | {args.decide, f"{decided}/tip_adapter", f"{decided}/finetune", "contrastive/finetune"}
+    plot_differences(judged[0][1], args.out / "paired_differences.png")
+    decided = args.decide.split(",")[0].split("/")[0]
+    shown = set(UNTRAINED) | set(args.decide.split(",")) | {f"{decided}/tip_adapter", f"{decided}/finetune",
+                                                           "recipe/finetune"}
     plot_accuracy_vs_shots([r for r in table if r.method in shown], args.out / "accuracy_vs_shots.png")
     payload = json.loads((args.out / "results.json").read_text())
     payload.update(timings=timings, runs=runs, verdict=decisions, per_seed=[{"seed": s, **r.as_dict()} for s, r in rows])

@@ -93,6 +93,8 @@ class EvalOptions:
         tail_finetune_lr: the learning rate of ``tail_finetune`` (the tail's weights and the classifier).
         tail_film_lr: the learning rate of ``tail_film`` (FiLM coefficients and the classifier).
         tail_scale: the inverse temperature of their cosine classifier.
+        tail_values: at most this many values of the tail's widest activation over the copies trained at once
+            (memory only: the copies are independent, so the predictions do not depend on it).
         seed: seeds the fresh heads of ``projection`` (per episode, so results do not depend on order).
     """
 
@@ -112,6 +114,7 @@ class EvalOptions:
     tail_finetune_lr: float = 1e-4
     tail_film_lr: float = 1e-3
     tail_scale: float = 10.0
+    tail_values: int = 40_000_000
     seed: int = 0
 
 
@@ -341,9 +344,14 @@ def _in_tower(method: Callable, lr: Callable[[EvalOptions], float]) -> Method:
         if first.h_trunk is None:
             raise ValueError(f"{method.__name__} adapts inside the image tower: it needs a model whose tower is cut "
                              "(model.encoder.tail=head or last_stage) and whose towers do not adapt")
-        trunk = torch.stack([ep.h_trunk for ep in episodes])  # (B, S + Q, C, h, w)
-        return method(first.module.model.image_tail, trunk, first.support_labels, first.ways, opts.tail_steps, lr(opts),
-                      opts.tail_scale)
+        trunk = torch.stack([ep.h_trunk for ep in episodes]).float()  # (B, S + Q, C, h, w)
+        tail = first.module.model.image_tail
+        # the copies train independently, so a chunk is split to bound memory: the tail's widest activation of
+        # every image of every copy is held several times over by the gradient (20-shot chunks of 50 ran out of 24 GiB)
+        widest = max(tail.film_channels) * trunk[0, 0, 0].numel() * trunk.shape[1]  # values per copy
+        piece = max(1, opts.tail_values // widest)
+        return torch.cat([method(tail, part, first.support_labels, first.ways, opts.tail_steps, lr(opts), opts.tail_scale)
+                          for part in trunk.split(piece)])
     return run
 
 

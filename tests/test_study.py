@@ -39,9 +39,9 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
     _folder(data / "brain-tumor-mri" / "Testing", ["glioma", "notumor", "pituitary"], 8, 1)
     study = _study()
     argv = ["study", "--data", str(data), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-            "--domains", "natural,mri", "--presets", "contrastive,recipe", "--seeds", "0,1", "--steps", "2",
+            "--domains", "natural,mri", "--presets", "recipe,intower", "--finetune-presets", "recipe,intower", "--seeds", "0,1", "--steps", "2",
             "--episodes", "3", "--shots", "1", "--ways", "2", "--eval-ways", "2", "--size", "32", "--per-class", "8",
-            "--variable", "--methods", "pixels,feature_centroid,feature_probe,projection,prototype,finetune,dcmcl",
+            "--variable", "--methods", "pixels,feature_centroid,feature_probe,projection,tail_finetune,tail_film,prototype,finetune,dcmcl",
             "--set", "model.encoder.image_size=32", "--set", "data.shots=1", "--set", "data.queries=2",
             "--set", "data.val_episodes=2", "--set", "data.steps_per_epoch=2", "--set", "threads=1"]
     monkeypatch.setattr(sys, "argv", argv)
@@ -50,15 +50,21 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
     for name in ("results.md", "results.json", "verdict.md", "f1.md", "accuracy_vs_shots.png", "paired_differences.png"):
         assert (out / name).is_file(), name
     payload = json.loads((out / "results.json").read_text())
-    assert {r["seed"] for r in payload["per_seed"]} == {0, 1}
+    assert {r["seed"] for r in payload["per_seed"]} == {None, 0, 1}  # None: the untrained methods, scored once
     rows = payload["per_seed"]
     # the methods that train nothing are scored once; finetune only for the presets that ask for it
-    assert len([r for r in rows if r["method"] == "feature_centroid" and r["domain"] == "mri" and r["shots"] == 1]) == 1
-    assert {r["method"] for r in rows if r["method"].endswith("/finetune")} == {"contrastive/finetune", "recipe/finetune"}
-    assert {(d["domain"], d["shots"]) for d in payload["verdict"]} == {("natural", 1), ("natural", 0), ("mri", 1), ("mri", 0)}
+    for method in ("feature_centroid", "tail_finetune", "tail_film"):
+        assert len([r for r in rows if r["method"] == method and r["domain"] == "mri" and r["shots"] == 1]) == 1
+    assert {r["method"] for r in rows if r["method"].endswith("/finetune")} == {"intower/finetune", "recipe/finetune"}
+    # the far domain (never trained on) is also scored from the blend of the known domains
+    assert {r["domain"] for r in rows if r["method"].endswith("@blend")} == {"mri"}
+    assert {r["conditioning"] for r in rows if r["method"].endswith("@blend")} == {"blend"}
+    judged = {(d["method"], d["domain"], d["shots"]) for d in payload["verdict"]}
+    assert judged == {(m, d, k) for m in ("intower/dcmcl", "recipe/dcmcl") for d in ("natural", "mri") for k in (1, 0)} | {
+        ("intower/dcmcl@blend", "mri", 1), ("intower/dcmcl@blend", "mri", 0)}
     for decision in payload["verdict"]:
         assert len(decision["per_seed"]) == 2 and decision["best_baseline"].rpartition("/")[2] in study.BASELINES
-    assert "recipe/dcmcl" in (out / "verdict.md").read_text()
+    assert "intower/dcmcl" in (out / "verdict.md").read_text()
     assert [run["trained"] for run in payload["runs"]] == [True] * 4
     assert payload["timings"]["convert_s"] > 0
     # a second call converts nothing and trains nothing: it reads the shards, the cache and the runs' last.ckpt

@@ -3,6 +3,8 @@ nothing, the split cache holds trunk activations and refuses another split's, ev
 engines with the same gradients, and the in-tower baselines start at the feature centroid."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -170,6 +172,8 @@ def test_the_in_tower_baselines_start_at_the_feature_centroid_and_train_each_cop
     together = predict(method, episodes, opts)
     alone = torch.cat([predict(method, [ep], opts) for ep in episodes])
     assert torch.equal(together, alone)
+    # a memory bound that splits the chunk into one copy at a time changes nothing
+    assert torch.equal(predict(method, episodes, dataclasses.replace(opts, tail_values=1)), together)
     assert not torch.equal(together, untrained)  # training moved them
     assert all(not p.requires_grad for p in module.model.image_tail.parameters())  # the model's own tail untouched
 
