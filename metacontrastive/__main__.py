@@ -30,9 +30,16 @@ def _dispatch(argv: list[str] | None) -> None:
 
         evaluate_main(args[1:])
     else:
+        import torch.distributed as dist
+
         from metacontrastive.cli import main as cli_main
 
-        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+        try:
+            cli_main(argv)  # None: LightningCLI reads sys.argv itself
+        finally:
+            # a DDP rank that exits with its process group alive can abort in the group's threads at interpreter exit
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":
