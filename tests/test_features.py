@@ -146,6 +146,33 @@ def test_concurrent_builders_share_the_shards_and_build_each_once(sharded, small
     assert not list(folder.glob("*.lock"))
 
 
+def test_a_shard_another_process_finished_between_look_and_claim_is_not_built_again(sharded, small, monkeypatch):
+    """The window the concurrent test can hit: a shard looked stale, then its builder wrote it and let go of its
+    lock before this process claimed it. The claim must look again instead of building it a second time."""
+    import metacontrastive.data.features as features
+    dm = _datamodule(sharded, small)
+    split = dm.split("train")[0]
+    module = _module()
+    spec = FeatureSpec(module.model.image_tower_id, 8)
+    folder = feature_folder(sharded, "natural", spec)
+    build_split(split, "train", module.model.image_tower, spec, folder, progress=False)  # the other process's work
+    built, claimed, claim, fresh = [], set(), features._claim, features._is_fresh
+
+    def looks(path, *args):  # stale until claimed: the other process finished just before our claim
+        return path in claimed and fresh(path, *args)
+
+    def claiming(lock):
+        claimed.add(lock.with_suffix(".pt"))
+        return claim(lock)
+
+    monkeypatch.setattr(features, "_is_fresh", looks)
+    monkeypatch.setattr(features, "_claim", claiming)
+    monkeypatch.setattr(features, "_compute", lambda url, *a: built.append(url))
+    build_split(split, "train", module.model.image_tower, spec, folder, progress=False)
+    assert len(claimed) == len(split.urls) and built == []
+    assert not list(folder.glob("*.lock"))
+
+
 def test_training_on_cached_features_equals_training_on_images(sharded, small):
     """The same meta-batch gives the same outer loss and gradients from images and from their cached features."""
     module = _module()

@@ -243,6 +243,8 @@ def build_split(split: DomainSplit, split_name: str, tower: nn.Module, spec: Fea
                     left.append(url)  # another process builds it
                     continue
                 try:
+                    if _is_fresh(paths[url], spec, sources[url]):
+                        continue  # built by another process between our look and our claim
                     data = _compute(url, tower, spec, torch.device(device), batch_size, strict, bar)
                     data.update(format=FORMAT, spec=spec.folder, source=sources[url])
                     tmp = paths[url].with_suffix(f".tmp-{os.getpid()}")
