@@ -38,11 +38,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
+import multiprocessing
+import os
 import random
 import re
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,7 +57,7 @@ import matplotlib.pyplot as plt
 import scipy.stats
 import torch
 
-from metacontrastive.cli import MetaCLI, quiet_library_warnings
+from metacontrastive.cli import MetaCLI, available_cores, quiet_library_warnings
 from metacontrastive.data import readers
 from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.manifest import MANIFEST
@@ -203,6 +208,118 @@ def score(module: MetaContrastiveModule, sets: list, methods: list[str], prefix:
     return rows
 
 
+@dataclass(frozen=True)
+class Job:
+    """One independent piece of the study: the untrained methods on one domain (the costliest jobs, so one
+    per domain), or one preset's run for one seed, trained (or loaded) and scored on every domain."""
+
+    preset: str | None  # None: the untrained model
+    seed: int | None = None
+    domain: str | None = None  # only for the untrained jobs
+
+    @property
+    def name(self) -> str:
+        return f"untrained-{self.domain}" if self.preset is None else f"{self.preset}-seed{self.seed}"
+
+
+def grid(args: argparse.Namespace) -> list[Job]:
+    """Every job of the study, the untrained ones (the longest) first."""
+    jobs = [Job(None, domain=d.name) for d in args.domains] if any(m in UNTRAINED for m in args.methods) else []
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    return jobs + [Job(preset, seed) for seed in seeds for preset in args.presets.split(",")]
+
+
+# what a job's scores depend on, besides the job itself: a scores file made under other settings is not reused
+_SCORED_BY = ("domains", "steps", "episodes", "shots", "split", "ways", "eval_ways", "variable", "methods",
+              "baseline_tail", "size", "per_class", "split_seed", "set", "callbacks", "finetune_presets")
+
+
+def scores_path(job: Job, args: argparse.Namespace) -> Path:
+    """Where a finished job keeps its scores: ``--work``/scores/<settings hash>/<job>.json."""
+    settings = json.dumps({k: str(getattr(args, k)) for k in _SCORED_BY}, sort_keys=True)
+    return args.work / "scores" / hashlib.sha1(settings.encode()).hexdigest()[:12] / f"{job.name}.json"
+
+
+def run_job(job: Job, args: argparse.Namespace) -> dict:
+    """Train or load, and score, one job; its record and rows (``Result.as_dict`` with its seed), also written to
+    ``scores_path`` (atomically), so that a study that is run again, or was killed, skips the jobs it finished."""
+    path = scores_path(job, args)
+    if path.exists() and not args.retrain:
+        return {**json.loads(path.read_text()), "reused": True}
+    quiet_library_warnings()
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if job.preset is None:  # read no trained weight: scored once, on the untrained model
+        module, datamodule = untrained(args)
+        sets = [s for s in episode_sets(module, datamodule, args) if s.pool.split.name == job.domain]
+        rows = score(module, sets, [m for m in args.methods if m in UNTRAINED], "", args)
+        record = {"job": job.name, "evaluate_s": time.perf_counter() - start}
+    else:
+        module, datamodule, record = train(job.preset, job.seed, args)
+        sets = episode_sets(module, datamodule, args)
+        eval_start = time.perf_counter()
+        trained = [m for m in args.methods if m in TRAINED and (m != "finetune" or args.finetune_presets == "all"
+                                                               or job.preset in args.finetune_presets.split(","))]
+        rows = score(module, sets, trained, job.preset, args)
+        record.update(job=job.name, evaluate_s=time.perf_counter() - eval_start)
+    payload = {"record": record, "rows": [{"seed": job.seed, **r.as_dict()} for r in rows]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)  # a killed job leaves no scores file: it runs again
+    return {**payload, "reused": False}
+
+
+def _announce(job: Job, payload: dict) -> None:
+    record = payload["record"]
+    what = "reused" if payload["reused"] else (f"{'trained' if record.get('trained') else 'loaded'} in "
+                                               f"{record['fit_s']:.0f}s, " if "fit_s" in record else "")
+    print(f"{job.name}: {what}" + ("" if payload["reused"] else f"evaluated in {record['evaluate_s']:.0f}s"), flush=True)
+
+
+def run_grid(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
+    """Every job's payload, in the order of ``jobs``: in this process (``--jobs 1``), in ``--jobs`` worker processes
+    of this machine with their share of the cores, or through submitit (``--launcher slurm``: an array job per
+    preset on the cluster; ``submitit-local``: the same submissions run by submitit on this machine)."""
+    if args.launcher == "local" and args.jobs == 1:
+        payloads = []
+        for job in jobs:
+            payloads.append(run_job(job, args))
+            _announce(job, payloads[-1])
+        return payloads
+    if args.launcher == "local":
+        # spawned workers import torch afresh: with passive OpenMP waits and a share of the cores each, workers on
+        # a small machine do not spin against each other (two active-waiting torch processes on 2 cores were
+        # measured at 8 s a training step instead of 0.3 s)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            futures = {pool.submit(run_job, job, args): job for job in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                _announce(futures[future], future.result())
+            return [f.result() for f in futures]
+    import cloudpickle
+    import submitit
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the jobs need this file, which is not a package
+    executor = submitit.AutoExecutor(folder=args.work / "submitit" / "%j",
+                                     cluster="slurm" if args.launcher == "slurm" else "local")
+    cluster = {"slurm_partition": args.partition, "slurm_array_parallelism": args.array_parallelism} \
+        if args.launcher == "slurm" else {}
+    executor.update_parameters(timeout_min=args.timeout_min, cpus_per_task=args.threads or 1, mem_gb=args.mem_gb,
+                               name="metacontrastive-study", **cluster)
+    submitted: dict = {}
+    for kind in dict.fromkeys(job.preset for job in jobs):  # an array per preset (the untrained jobs: one array)
+        members = [job for job in jobs if job.preset == kind]
+        for job, handle in zip(members, executor.map_array(run_job, members, [args] * len(members))):
+            submitted[job] = handle
+        print(f"submitted {len(members)} job(s) of {kind or 'untrained'}: {submitted[members[0]].job_id}", flush=True)
+    for job, handle in submitted.items():
+        _announce(job, handle.result())
+    return [submitted[job].result() for job in jobs]
+
+
 def _kind(label: str) -> str:
     """The method of a row label: ``full/dcmcl`` -> ``dcmcl``; ``feature_probe`` -> ``feature_probe``."""
     return label.rpartition("/")[2]
@@ -315,7 +432,19 @@ def parse_args() -> argparse.Namespace:
                         "in TensorBoard, checkpoints; slower)")
     parser.add_argument("--finetune-presets", default="recipe", help="presets whose runs are also scored "
                         "with finetune (the costliest method, about 0.1 s an episode on a CPU; 'all' for every preset)")
-    parser.add_argument("--retrain", action="store_true", help="train runs again even where last.ckpt exists")
+    parser.add_argument("--retrain", action="store_true", help="train runs again even where last.ckpt exists "
+                        "(and score them again: the scores of finished jobs are not reused)")
+    parser.add_argument("--jobs", type=int, default=None, help="jobs run at once on this machine, each in its own "
+                        "process with its share of the cores (default: one per core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of each job (default: the cores "
+                        "shared among --jobs; on a cluster, the cores asked for each job)")
+    parser.add_argument("--launcher", default="local", choices=("local", "slurm", "submitit-local"),
+                        help="run the jobs here, or submit them through submitit: to SLURM (an array job per preset), "
+                        "or to submitit's local executor (the cluster path on this machine)")
+    parser.add_argument("--partition", default=None, help="the SLURM partition (--launcher slurm)")
+    parser.add_argument("--timeout-min", type=int, default=240, help="time limit of each submitted job, minutes")
+    parser.add_argument("--mem-gb", type=int, default=24, help="memory of each submitted job")
+    parser.add_argument("--array-parallelism", type=int, default=64, help="jobs of one array that run at once")
     args = parser.parse_args()
     known = {d.name: d for d in DOMAINS}
     unknown = [d for d in args.domains.split(",") if d not in known]
@@ -326,6 +455,12 @@ def parse_args() -> argparse.Namespace:
     args.shards = args.work / "shards"
     args.shots = [int(k) for k in args.shots.split(",")]
     args.methods = args.methods.split(",")
+    cores = available_cores()
+    args.jobs = args.jobs or (cores if args.launcher == "local" else 1)
+    if args.threads is None and args.launcher == "local":
+        args.threads = max(1, cores // args.jobs)
+    if args.launcher == "slurm" and args.partition is None:
+        parser.error("--launcher slurm needs --partition")
     for method in args.methods:
         if method not in METHODS:
             parser.error(f"--methods: unknown {method!r}; choose from {list(METHODS)}")
@@ -339,32 +474,24 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     start = time.perf_counter()
     timings: dict = {"convert_s": sum(convert(d, args) for d in args.domains)}
-    rows: list[tuple[int, Result]] = []
-    runs = []
-    once = [m for m in args.methods if m in UNTRAINED]
-    if once:  # read no trained weight: scored once, on the untrained model
-        eval_start = time.perf_counter()
-        module, datamodule = untrained(args)
-        rows += [(None, r) for r in score(module, episode_sets(module, datamodule, args), once, "", args)]
-        timings["evaluate_untrained_s"] = time.perf_counter() - eval_start
-        print(f"untrained methods scored in {timings['evaluate_untrained_s']:.0f}s", flush=True)
-    for seed in (int(s) for s in args.seeds.split(",") if s):
-        for preset in args.presets.split(","):
-            module, datamodule, record = train(preset, seed, args)
-            sets = episode_sets(module, datamodule, args)
-            eval_start = time.perf_counter()
-            trained = [m for m in args.methods if m in TRAINED and (m != "finetune" or args.finetune_presets == "all"
-                                                                   or preset in args.finetune_presets.split(","))]
-            rows += [(seed, r) for r in score(module, sets, trained, preset, args)]
-            record["evaluate_s"] = time.perf_counter() - eval_start
-            runs.append(record)
-            print(f"seed {seed} {preset}: {'trained' if record['trained'] else 'loaded'} in {record['fit_s']:.0f}s, "
-                  f"evaluated in {record['evaluate_s']:.0f}s", flush=True)
+    jobs = grid(args)
+    payloads = run_grid(jobs, args)
+    fields = {f.name for f in dataclasses.fields(Result)}
+    rows: list[tuple[int | None, Result]] = [(r["seed"], Result(**{k: v for k, v in r.items() if k in fields}))
+                                             for p in payloads for r in p["rows"]]
+    runs = [p["record"] for job, p in zip(jobs, payloads) if job.preset is not None]
+    timings["evaluate_untrained_s"] = sum(p["record"]["evaluate_s"] for job, p in zip(jobs, payloads)
+                                          if job.preset is None and not p["reused"])
+    timings["fit_s"] = sum(p["record"]["fit_s"] for job, p in zip(jobs, payloads)
+                           if job.preset is not None and not p["reused"])
+    timings["evaluate_trained_s"] = sum(p["record"]["evaluate_s"] for job, p in zip(jobs, payloads)
+                                        if job.preset is not None and not p["reused"])
+    timings["jobs_reused"] = sum(p["reused"] for p in payloads)
     table = mean_over_seeds([r for _, r in rows])
     timings["total_s"] = time.perf_counter() - start
     seeds = sorted({s for s, _ in rows if s is not None})
     note = (f"{args.steps} training steps per run, seeds {', '.join(map(str, seeds))}: mean over seeds ± the 95% Student-t "
-            "interval across seeds; methods that train nothing (pixels, feature_centroid, feature_probe, projection) ± "
+            f"interval across seeds; methods that train nothing ({', '.join(UNTRAINED)}) ± "
             f"their 95% interval over episodes. Whole study: {timings['total_s'] / 60:.1f} minutes.")
     write_results(table, args.out, {k: str(v) for k, v in vars(args).items()}, timings["total_s"], note,
                   "Student t across seeds")

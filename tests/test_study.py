@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _study():
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))  # worker processes import the study's jobs by module name
     spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["study"] = module  # dataclasses look their module up while the file runs
@@ -66,11 +68,44 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
         assert len(decision["per_seed"]) == 2 and decision["best_baseline"].rpartition("/")[2] in study.BASELINES
     assert "intower/dcmcl" in (out / "verdict.md").read_text()
     assert [run["trained"] for run in payload["runs"]] == [True] * 4
-    assert payload["timings"]["convert_s"] > 0
-    # a second call converts nothing and trains nothing: it reads the shards, the cache and the runs' last.ckpt
+    assert payload["timings"]["convert_s"] > 0 and payload["timings"]["jobs_reused"] == 0
+    first = {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in rows}
+    # a second call converts nothing and runs no job again: it reads each finished job's scores
     study.main()
     again = json.loads((out / "results.json").read_text())
-    assert again["timings"]["convert_s"] == 0 and [run["trained"] for run in again["runs"]] == [False] * 4
-    first = {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in rows}
-    second = {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in again["per_seed"]}
-    assert first == second  # the same episodes and the same weights give the same table
+    assert again["timings"]["convert_s"] == 0 and again["timings"]["jobs_reused"] == 6  # 2 untrained + 2 x 2 runs
+    assert first == {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in again["per_seed"]}
+    # a study killed during a job resumes there: that job alone runs again, from its run's last.ckpt
+    args = study.parse_args()
+    lost = study.Job("intower", 1)
+    study.scores_path(lost, args).unlink()
+    study.main()
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["timings"]["jobs_reused"] == 5
+    assert [run["trained"] for run in resumed["runs"]] == [True, True, True, False]  # intower seed 1: loaded, not trained
+    assert first == {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in resumed["per_seed"]}
+
+
+@pytest.mark.slow
+def test_the_grid_submitted_through_submitit_gives_the_rows_of_one_process(tmp_path, monkeypatch):
+    """The same grid in this process, and submitted through submitit (its local executor: the jobs, pickled, that
+    ``--launcher slurm`` submits as arrays, run here): the same rows."""
+    data = tmp_path / "data"
+    _folder(data / "cifar10-test", ["airplane", "automobile", "bird", "cat", "deer", "dog"], 6, 0)
+    _folder(data / "brain-tumor-mri" / "Testing", ["glioma", "notumor"], 6, 1)
+    study = _study()
+    common = ["--data", str(data), "--domains", "natural,mri", "--presets", "recipe", "--seeds", "0,1",
+              "--steps", "1", "--episodes", "2", "--shots", "1", "--ways", "2", "--eval-ways", "2", "--size", "32",
+              "--per-class", "6", "--methods", "feature_centroid,tail_film,prototype,dcmcl", "--decide", "recipe/dcmcl",
+              "--set", "model.encoder.image_size=32", "--set", "data.shots=1", "--set", "data.queries=2",
+              "--set", "data.val_episodes=1", "--set", "data.steps_per_epoch=1"]
+    tables = []
+    for name, extra in (("serial", ["--jobs", "1"]), ("grid", ["--threads", "1", "--launcher", "submitit-local"])):
+        monkeypatch.setattr(sys, "argv", ["study", *common, "--work", str(tmp_path / name), "--out", str(tmp_path / f"out-{name}"),
+                                          *extra])
+        study.main()
+        payload = json.loads((tmp_path / f"out-{name}" / "results.json").read_text())
+        assert payload["timings"]["jobs_reused"] == 0 and len(payload["runs"]) == 2
+        tables.append({(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in payload["per_seed"]})
+    assert tables[0] == tables[1] and len(tables[0]) > 0
+    assert len(list((tmp_path / "grid" / "submitit").glob("*/*_result.pkl"))) == 4  # submitit ran the 4 jobs
