@@ -182,7 +182,8 @@ def episode_sets(module: MetaContrastiveModule, datamodule: EpisodicDataModule, 
     datamodule.setup("validate" if args.split == "val" else "test")
     datamodule.attach(module.model.frozen_image_tower(module.towers_adapt), progress=False)
     variable = VariableShape(max_ways=args.eval_ways, max_shots=20, max_support=100, queries=10) if args.variable else None
-    return datamodule.episode_sets(args.split, args.shots, args.episodes, labelled_only=True, variable=variable)
+    sets = datamodule.episode_sets(args.split, args.shots, args.episodes, labelled_only=True, variable=variable)
+    return [s for s in sets if s.pool.split.name in args.score_domains]
 
 
 def untrained(args: argparse.Namespace) -> tuple[MetaContrastiveModule, EpisodicDataModule]:
@@ -224,13 +225,13 @@ class Job:
 
 def grid(args: argparse.Namespace) -> list[Job]:
     """Every job of the study, the untrained ones (the longest) first."""
-    jobs = [Job(None, domain=d.name) for d in args.domains] if any(m in UNTRAINED for m in args.methods) else []
+    jobs = [Job(None, domain=d) for d in args.score_domains] if any(m in UNTRAINED for m in args.methods) else []
     seeds = [int(s) for s in args.seeds.split(",") if s]
     return jobs + [Job(preset, seed) for seed in seeds for preset in args.presets.split(",")]
 
 
 # what a job's scores depend on, besides the job itself: a scores file made under other settings is not reused
-_SCORED_BY = ("domains", "steps", "episodes", "shots", "split", "ways", "eval_ways", "variable", "methods",
+_SCORED_BY = ("domains", "score_domains", "steps", "episodes", "shots", "split", "ways", "eval_ways", "variable", "methods",
               "baseline_tail", "size", "per_class", "split_seed", "set", "callbacks", "finetune_presets")
 
 
@@ -409,6 +410,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default="runs/study", help="shards, feature cache and runs (reused by a later call)")
     parser.add_argument("--out", default="results/study", help="folder for the table, results.json and plots")
     parser.add_argument("--domains", default=",".join(d.name for d in DOMAINS), help="from " + ", ".join(d.name for d in DOMAINS))
+    parser.add_argument("--score-domains", default=None, help="score only these of --domains (default: all; the "
+                        "runs still train on every near domain of --domains)")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=300, help="training steps per run")
@@ -451,6 +454,9 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"--domains: unknown {unknown}; the study knows {list(known)}")
     args.domains = [known[d] for d in args.domains.split(",")]
+    args.score_domains = args.score_domains.split(",") if args.score_domains else [d.name for d in args.domains]
+    if set(args.score_domains) - {d.name for d in args.domains}:
+        parser.error(f"--score-domains: {sorted(set(args.score_domains) - {d.name for d in args.domains})} not in --domains")
     args.data, args.work, args.out = Path(args.data), Path(args.work), Path(args.out)
     args.shards = args.work / "shards"
     args.shots = [int(k) for k in args.shots.split(",")]
