@@ -114,7 +114,7 @@ class EvalOptions:
     tail_finetune_lr: float = 1e-4
     tail_film_lr: float = 1e-3
     tail_scale: float = 10.0
-    tail_values: int = 40_000_000
+    tail_values: int = 10_000_000
     seed: int = 0
 
 
@@ -346,13 +346,18 @@ def _in_tower(method: Callable, lr: Callable[[EvalOptions], float]) -> Method:
                              "(model.encoder.tail=head or last_stage) and whose towers do not adapt")
         trunk = torch.stack([ep.h_trunk for ep in episodes]).float()  # (B, S + Q, C, h, w)
         tail = first.module.model.image_tail
-        # the copies train independently, so a chunk is split to bound memory: the tail's widest activation of
-        # every image of every copy is held several times over by the gradient (20-shot chunks of 50 ran out of 24 GiB)
-        widest = max(tail.film_channels) * trunk[0, 0, 0].numel() * trunk.shape[1]  # values per copy
-        piece = max(1, opts.tail_values // widest)
         return torch.cat([method(tail, part, first.support_labels, first.ways, opts.tail_steps, lr(opts), opts.tail_scale)
-                          for part in trunk.split(piece)])
+                          for part in trunk.split(_tail_piece(first, opts))])
     return run
+
+
+def _tail_piece(first: Episode, opts: EvalOptions) -> int:
+    """How many episodes adapt at once inside a cut tower. Their copies are independent, so a chunk is split to bound
+    memory: the gradient holds the tail's widest activation of every image of every copy several times over
+    (20-shot chunks of 50 ran out of 24 GiB)."""
+    tail = first.module.model.image_tail
+    widest = max(tail.film_channels) * first.h_trunk[0, 0].numel() * len(first.h_trunk)  # values per copy
+    return max(1, opts.tail_values // widest)
 
 
 def _dcmcl(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
@@ -360,7 +365,9 @@ def _dcmcl(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     steps = module.eval_steps if opts.inner_steps is None else opts.inner_steps
     views = [ep.view for ep in episodes]
     if steps > 0 and func_batchable(views):  # the chunk's inner loops at once (torch.func; the same adapted weights)
-        return func_predictions(module.learner, views, steps)
+        # inside a cut tower, in memory-bounded pieces as the tail baselines
+        piece = _tail_piece(episodes[0], opts) if episodes[0].h_trunk is not None else len(views)
+        return torch.cat([func_predictions(module.learner, views[i:i + piece], steps) for i in range(0, len(views), piece)])
     return torch.stack([adapt_and_score(module.learner, view, steps, first_order=True).predictions() for view in views])
 
 

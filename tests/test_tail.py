@@ -214,3 +214,18 @@ def test_evaluate_scores_the_in_tower_methods_on_cached_trunk_activations(sharde
                        EvalOptions(tail_steps=2), progress=False)
     assert {r.method for r in results} == {"feature_centroid", "tail_finetune", "tail_film", "dcmcl"}
     assert all(0.0 <= r.acc <= 1.0 for r in results)
+
+
+def test_dcmcl_inside_a_cut_tower_scores_in_memory_bounded_pieces_with_the_same_predictions(monkeypatch):
+    import metacontrastive.evaluation as evaluation
+    calls = []
+    batched = evaluation.func_predictions
+    monkeypatch.setattr(evaluation, "func_predictions", lambda learner, views, steps: calls.append(len(views))
+                        or batched(learner, views, steps))
+    torch.manual_seed(0)
+    module = MetaContrastiveModule(domains=DOMAINS, encoder=_encoder("head"), adapt_scope="tail_film",
+                                   meta_engine="func", domain_dropout=0.0).eval()
+    episodes = _episodes(module)
+    together = predict("dcmcl", episodes)
+    torch.testing.assert_close(predict("dcmcl", episodes, EvalOptions(tail_values=1)), together, rtol=0, atol=0)
+    assert calls == [3, 1, 1, 1]  # the chunk at once, then one episode at a time
