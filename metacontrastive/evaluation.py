@@ -437,6 +437,7 @@ def evaluate(
     chunk: int = 50,
     progress: bool = True,
     unseen: str | None = None,
+    chunk_images: int = 4000,
 ) -> list[Result]:
     """Score ``methods`` on every episode of every set: the same episodes, in the same order, for each.
 
@@ -447,6 +448,8 @@ def evaluate(
         opts: the methods' settings.
         holdout: domains conditioned on the ``unknown`` embedding even if the model knows them.
         chunk: episodes scored together (the trained methods train one copy per episode at once).
+        chunk_images: at most this many images in a chunk (fewer episodes for large ones): a 20-shot chunk of 50
+            held about 8 GB on a 4-way domain and ran out of 24 GB on a 5-way one.
         progress: show a progress bar.
         unseen: how a domain conditioned on ``unknown`` starts: ``unknown`` or ``blend`` (default: the model's
             ``unseen``); its rows say which (``conditioning``).
@@ -472,7 +475,8 @@ def evaluate(
                       for m in methods}
             seconds = dict.fromkeys(methods, 0.0)
             prompt_cos = []  # per episode: mean cosine between its un-adapted class prompts
-            for indices in _chunks(episodes, chunk):
+            size = min(chunk, max(1, chunk_images // _images_per_episode(episodes)))
+            for indices in _chunks(episodes, size):
                 batch = [Episode.of(module, _to(episodes[i], device), row, unseen) for i in indices]
                 for ep in batch:
                     prompt_cos.append(mean_cosine(ep.z_text))
@@ -515,6 +519,13 @@ def _warn_collapsed_prompts(domain: str, cosine: float, methods: list[str]) -> N
                     "%s give every query about the same answer. A meta-learned initialisation (MAML) need not separate "
                     "classes before its inner loop; if the model should classify zero-shot, train with "
                     "model.prototype_prompts or method=contrastive.", domain, cosine, " and ".join(readers))
+
+
+def _images_per_episode(episodes: FixedEpisodes) -> int:
+    """The most images (support and queries) an episode of the set holds."""
+    if episodes.variable:
+        return max(sum(len(ix) for _, ix in draw) for draw in episodes.draws)
+    return episodes.shape.ways * (episodes.shape.shots + episodes.shape.queries)
 
 
 def _chunks(episodes: FixedEpisodes, chunk: int) -> Iterable[list[int]]:

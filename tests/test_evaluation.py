@@ -291,6 +291,22 @@ def test_every_method_sees_the_same_episodes_in_the_same_order(module, episode_s
     assert seen["b"] == first == seen["a"] and len(first) == sum(len(s) for s in episode_sets)
 
 
+def test_a_chunk_holds_at_most_chunk_images_and_the_scores_do_not_depend_on_it(module, episode_sets, monkeypatch):
+    sizes = []
+    centroid = METHODS["feature_centroid"]
+
+    def spy(episodes, opts):
+        sizes.append(sum(len(ep.task.support_labels) + len(ep.task.query_labels) for ep in episodes))
+        return centroid(episodes, opts)
+    monkeypatch.setitem(METHODS, "spy", spy)
+    whole = evaluate(module, episode_sets, ["spy"], chunk=50, progress=False)
+    assert max(sizes) > 30  # a chunk held several episodes
+    sizes.clear()
+    bounded = evaluate(module, episode_sets, ["spy"], chunk=50, chunk_images=30, progress=False)
+    assert max(sizes) <= 30 and len(sizes) > len(episode_sets)
+    assert [(r.acc, r.f1) for r in bounded] == [(r.acc, r.f1) for r in whole]
+
+
 def test_results_hold_the_mean_and_the_95_ci_of_per_episode_scores(module, episode_sets):
     (result,) = evaluate(module, episode_sets[:1], ["prototype"], progress=False)
     episodes = episode_sets[0]
