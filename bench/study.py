@@ -281,22 +281,17 @@ def _announce(job: Job, payload: dict) -> None:
 
 
 def run_grid(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
-    """Every job's payload, in the order of ``jobs``: in this process (``--jobs 1``), in ``--jobs`` worker processes
-    of this machine with their share of the cores, or through submitit (``--launcher slurm``: an array job per
+    """Every job's payload, in the order of ``jobs``: in ``--jobs`` worker processes of this machine (a fresh one
+    per job) with their share of the cores, or through submitit (``--launcher slurm``: an array job per
     preset on the cluster; ``submitit-local``: the same submissions run by submitit on this machine)."""
-    if args.launcher == "local" and args.jobs == 1:
-        payloads = []
-        for job in jobs:
-            payloads.append(run_job(job, args))
-            _announce(job, payloads[-1])
-        return payloads
     if args.launcher == "local":
         # spawned workers import torch afresh: with passive OpenMP waits and a share of the cores each, workers on
         # a small machine do not spin against each other (two active-waiting torch processes on 2 cores were
-        # measured at 8 s a training step instead of 0.3 s)
+        # measured at 8 s a training step instead of 0.3 s); a fresh process per job hands each job's memory back
+        # (one process scoring the untrained jobs one after another grew past 24 GiB)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, max_tasks_per_child=1) as pool:
             futures = {pool.submit(run_job, job, args): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):
                 _announce(futures[future], future.result())
