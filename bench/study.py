@@ -26,9 +26,12 @@ far-domain protocol of BSCD-FSL (Guo et al. 2020):
    projection's macro-F1 against the frozen features' own baselines. Training and evaluation times are in
    ``results.json``.
 
-Everything that can be reused is: converted shards and their manifests (``--work``), the feature cache (beside
-the shards), and trained runs (``--work``/logs: a run whose ``last.ckpt`` exists is evaluated, not retrained,
-unless ``--retrain``).
+The study is a grid of independent jobs (the untrained methods on each domain; each preset for each seed), run in
+``--jobs`` processes here or submitted through submitit (``--launcher slurm``). Everything that can be reused is:
+converted shards and their manifests (``--work``), the feature cache (beside the shards), trained runs
+(``--work``/logs: a run whose ``last.ckpt`` exists is evaluated, not retrained) and the scores of finished jobs
+(``--work``/scores, per settings), so a killed study resumes at the jobs it had not finished; ``--retrain`` redoes
+both.
 
 Usage:
     python bench/study.py [--data ../shared/data] [--work runs/study] [--out results/study] [--seeds 0,1,2]
@@ -248,6 +251,7 @@ def run_job(job: Job, args: argparse.Namespace) -> dict:
     if path.exists() and not args.retrain:
         return {**json.loads(path.read_text()), "reused": True}
     quiet_library_warnings()
+    # each run's arguments go to LightningCLI as a list, while sys.argv holds the study's own: on purpose
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -470,9 +474,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    quiet_library_warnings()
-    # each run's arguments go to LightningCLI as a list, while sys.argv holds the study's own: on purpose
-    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     start = time.perf_counter()
     timings: dict = {"convert_s": sum(convert(d, args) for d in args.domains)}
     jobs = grid(args)
@@ -481,13 +482,11 @@ def main() -> None:
     rows: list[tuple[int | None, Result]] = [(r["seed"], Result(**{k: v for k, v in r.items() if k in fields}))
                                              for p in payloads for r in p["rows"]]
     runs = [p["record"] for job, p in zip(jobs, payloads) if job.preset is not None]
-    timings["evaluate_untrained_s"] = sum(p["record"]["evaluate_s"] for job, p in zip(jobs, payloads)
-                                          if job.preset is None and not p["reused"])
-    timings["fit_s"] = sum(p["record"]["fit_s"] for job, p in zip(jobs, payloads)
-                           if job.preset is not None and not p["reused"])
-    timings["evaluate_trained_s"] = sum(p["record"]["evaluate_s"] for job, p in zip(jobs, payloads)
-                                        if job.preset is not None and not p["reused"])
-    timings["jobs_reused"] = sum(p["reused"] for p in payloads)
+    fresh = [(job, p["record"]) for job, p in zip(jobs, payloads) if not p["reused"]]  # what this call ran
+    timings.update(evaluate_untrained_s=sum(r["evaluate_s"] for job, r in fresh if job.preset is None),
+                   fit_s=sum(r["fit_s"] for job, r in fresh if job.preset is not None),
+                   evaluate_trained_s=sum(r["evaluate_s"] for job, r in fresh if job.preset is not None),
+                   jobs_reused=len(jobs) - len(fresh))
     table = mean_over_seeds([r for _, r in rows])
     timings["total_s"] = time.perf_counter() - start
     seeds = sorted({s for s, _ in rows if s is not None})
