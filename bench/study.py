@@ -244,12 +244,21 @@ def scores_path(job: Job, args: argparse.Namespace) -> Path:
     return args.work / "scores" / hashlib.sha1(settings.encode()).hexdigest()[:12] / f"{job.name}.json"
 
 
+def finished(job: Job, args: argparse.Namespace) -> dict | None:
+    """The payload a finished job left in ``scores_path`` (None: not finished, or ``--retrain``)."""
+    path = scores_path(job, args)
+    if not path.exists() or args.retrain:
+        return None
+    return {**json.loads(path.read_text()), "reused": True}
+
+
 def run_job(job: Job, args: argparse.Namespace) -> dict:
     """Train or load, and score, one job; its record and rows (``Result.as_dict`` with its seed), also written to
     ``scores_path`` (atomically), so that a study that is run again, or was killed, skips the jobs it finished."""
+    done = finished(job, args)
+    if done is not None:
+        return done
     path = scores_path(job, args)
-    if path.exists() and not args.retrain:
-        return {**json.loads(path.read_text()), "reused": True}
     quiet_library_warnings()
     # each run's arguments go to LightningCLI as a list, while sys.argv holds the study's own: on purpose
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
@@ -285,16 +294,32 @@ def _announce(job: Job, payload: dict) -> None:
 
 
 def run_grid(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
-    """Every job's payload, in the order of ``jobs``: in ``--jobs`` worker processes of this machine (a fresh one
-    per job) with their share of the cores, or through submitit (``--launcher slurm``: an array job per
-    preset on the cluster; ``submitit-local``: the same submissions run by submitit on this machine)."""
+    """Every job's payload, in the order of ``jobs``: the finished ones read here, the others run in ``--jobs``
+    worker processes of this machine (a fresh one per job) with their share of the cores, or through submitit
+    (``--launcher slurm``: an array job per preset on the cluster; ``submitit-local``: the same submissions run by
+    submitit on this machine)."""
+    payloads = {job: finished(job, args) for job in jobs}
+    for job, payload in payloads.items():
+        if payload is not None:
+            _announce(job, payload)
+    todo = [job for job, payload in payloads.items() if payload is None]  # a process (or a submission) each
+    if todo:
+        payloads.update(zip(todo, _run_elsewhere(todo, args)))
+    return [payloads[job] for job in jobs]
+
+
+def _run_elsewhere(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
+    """The payloads of ``jobs``, in their order, each run in a process of its own: here or through submitit."""
     if args.launcher == "local":
-        # spawned workers import torch afresh: with passive OpenMP waits and a share of the cores each, workers on
-        # a small machine do not spin against each other (two active-waiting torch processes on 2 cores were
-        # measured at 8 s a training step instead of 0.3 s); a fresh process per job hands each job's memory back
-        # (one process scoring the untrained jobs one after another grew past 24 GiB)
+        # with passive OpenMP waits and a share of the cores each, workers on a small machine do not spin against
+        # each other (two active-waiting torch processes on 2 cores were measured at 8 s a training step instead of
+        # 0.3 s); a fresh process per job hands each job's memory back (one process scoring the untrained jobs one
+        # after another grew past 24 GiB). The fresh processes fork from a server that imported this file (torch,
+        # Lightning) once and ran nothing: a spawned process spent about 7 s importing them, per job
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        context = multiprocessing.get_context("spawn")
+        context = multiprocessing.get_context("forkserver")
+        if __name__ != "__main__":  # run as a script, the server imports the main file itself
+            context.set_forkserver_preload([__name__])
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, max_tasks_per_child=1) as pool:
             futures = {pool.submit(run_job, job, args): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):

@@ -70,8 +70,11 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
     assert [run["trained"] for run in payload["runs"]] == [True] * 4
     assert payload["timings"]["convert_s"] > 0 and payload["timings"]["jobs_reused"] == 0
     first = {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in rows}
-    # a second call converts nothing and runs no job again: it reads each finished job's scores
+    # a second call converts nothing and runs no job again: it reads each finished job's scores, and starts no process
+    run_elsewhere, handed = study._run_elsewhere, []
+    monkeypatch.setattr(study, "_run_elsewhere", lambda jobs, a: handed.extend(jobs) or run_elsewhere(jobs, a))
     study.main()
+    assert handed == []
     again = json.loads((out / "results.json").read_text())
     assert again["timings"]["convert_s"] == 0 and again["timings"]["jobs_reused"] == 6  # 2 untrained + 2 x 2 runs
     assert first == {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in again["per_seed"]}
@@ -81,15 +84,28 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
     study.scores_path(lost, args).unlink()
     study.main()
     resumed = json.loads((out / "results.json").read_text())
-    assert resumed["timings"]["jobs_reused"] == 5
+    assert resumed["timings"]["jobs_reused"] == 5 and handed == [lost]  # only the lost job got a process
     assert [run["trained"] for run in resumed["runs"]] == [True, True, True, False]  # intower seed 1: loaded, not trained
     assert first == {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in resumed["per_seed"]}
+    # the sweep of the test-time inner loop loads a run of the study and scores its validation classes
+    spec = importlib.util.spec_from_file_location("inner_sweep", ROOT / "bench" / "inner_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    options = argv[1:argv.index("--presets")] + argv[argv.index("--ways"):argv.index("--variable")] + argv[argv.index("--set"):]
+    monkeypatch.setattr(sys, "argv", ["inner_sweep", "--preset", "intower", "--seed", "1", "--inner-steps", "1,3",
+                                      "--lr-scale", "1,10", "--episodes", "2", "--shots", "1", *options,
+                                      "--out", str(tmp_path / "sweep")])
+    sweep.main()
+    swept = json.loads((tmp_path / "sweep" / "inner_sweep.json").read_text())
+    assert {(r["method"], r["steps"], r["lr_scale"]) for r in swept} == {("prototype", 0, 0.0)} | {
+        ("dcmcl", k, lr) for k in (1, 3) for lr in (1.0, 10.0)}
+    assert {r["domain"] for r in swept} == {"natural"}  # the far domain has no validation classes
 
 
 @pytest.mark.slow
 def test_the_grid_submitted_through_submitit_gives_the_rows_of_one_process(tmp_path, monkeypatch):
-    """The same grid in this process, and submitted through submitit (its local executor: the jobs, pickled, that
-    ``--launcher slurm`` submits as arrays, run here): the same rows."""
+    """The same grid in the local launcher's worker processes, and submitted through submitit (its local executor:
+    the jobs, pickled, that ``--launcher slurm`` submits as arrays, run here): the same rows."""
     data = tmp_path / "data"
     _folder(data / "cifar10-test", ["airplane", "automobile", "bird", "cat", "deer", "dog"], 6, 0)
     _folder(data / "brain-tumor-mri" / "Testing", ["glioma", "notumor"], 6, 1)
@@ -100,7 +116,7 @@ def test_the_grid_submitted_through_submitit_gives_the_rows_of_one_process(tmp_p
               "--set", "model.encoder.image_size=32", "--set", "data.shots=1", "--set", "data.queries=2",
               "--set", "data.val_episodes=1", "--set", "data.steps_per_epoch=1"]
     tables = []
-    for name, extra in (("serial", ["--jobs", "1"]), ("grid", ["--threads", "1", "--launcher", "submitit-local"])):
+    for name, extra in (("local", ["--jobs", "2", "--threads", "1"]), ("grid", ["--threads", "1", "--launcher", "submitit-local"])):
         monkeypatch.setattr(sys, "argv", ["study", *common, "--work", str(tmp_path / name), "--out", str(tmp_path / f"out-{name}"),
                                           *extra])
         study.main()
