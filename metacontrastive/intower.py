@@ -112,7 +112,7 @@ def tail_film(tail: nn.Module, trunk: torch.Tensor, labels: torch.Tensor, ways: 
     """
     with torch.no_grad():
         prefix = tail.prefix(trunk.flatten(0, 1)).unflatten(0, trunk.shape[:2])  # (B, S + Q, C', h, w)
-    zeros = torch.zeros(sum(tail.film_channels), device=trunk.device)
+    zeros = torch.zeros(sum(tail.film_channels), dtype=prefix.dtype, device=trunk.device)
     film = _stacked({"delta_gamma": zeros, "beta": zeros}, len(trunk))
     return _train_and_predict(film, lambda p, xs: tail(xs, (p["delta_gamma"][None], p["beta"][None]), True), prefix,
                               labels, ways, steps, lr, scale)
