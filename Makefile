@@ -78,11 +78,15 @@ STUDY_OUT  ?= results/study
 study: install ## The cross-domain study on pretrained towers: every preset x 3 seeds x every method (bench/study.py; STUDY_DATA, STUDY_OUT, ARGS)
 	$(PY) bench/study.py --data $(STUDY_DATA) --out $(STUDY_OUT) $(ARGS)
 
-test: install ## Run the test suite (all of it, slow tests included)
-	$(PY) -m pytest
+# the suite in TEST_WORKERS pytest-xdist processes (auto: one per core), each with its share of torch's threads
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+
+test: install ## Run the test suite (all of it, slow tests included; TEST_WORKERS=1: one process)
+	$(PYTEST)
 
 test-fast: install ## Run the tests not marked slow
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install ## Speed benchmarks: meta-step vs plain step, memory, scaling, loader vs training, feature cache, evaluation (tables in bench/results/)
 	$(PY) bench/speed.py --out bench/results $(ARGS)

@@ -3,8 +3,13 @@ configuration with tiny limits."""
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
 from pathlib import Path
+
+# before torch is imported: tests run in parallel (pytest-xdist, `make test`) and start subprocesses, and torch
+# processes that wait actively for work spin against each other on a small machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest
@@ -16,6 +21,14 @@ from metacontrastive.data.shards import DomainWriter
 from metacontrastive.data.synthetic import write_synthetic
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker takes its share of the cores (the tests' own subprocesses keep torch's
+    default)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 # Limits that make the default run train and validate in seconds on a CPU (5-way so that the demo's 6
 # validation and test classes of natural and 5 of medical all serve).
 TINY = ["--data.ways=5", "--data.shots=2", "--data.queries=3", "--data.image_size=16", "--data.steps_per_epoch=3",
