@@ -78,8 +78,8 @@ STUDY_OUT  ?= results/study
 study: install ## The cross-domain study on pretrained towers: every preset x 3 seeds x every method (bench/study.py; STUDY_DATA, STUDY_OUT, ARGS)
 	$(PY) bench/study.py --data $(STUDY_DATA) --out $(STUDY_OUT) $(ARGS)
 
-# the suite in TEST_WORKERS pytest-xdist processes (auto: one per core), each with its share of torch's threads
-TEST_WORKERS ?= auto
+# the suite in TEST_WORKERS pytest-xdist processes (one per core, at most 4), each with its share of torch's threads
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test: install ## Run the test suite (all of it, slow tests included; TEST_WORKERS=1: one process)
