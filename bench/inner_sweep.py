@@ -61,7 +61,7 @@ def main() -> None:
              f"{base_lr:g}", "", header, "|" + "---|" * (3 + len(cells))]
     for method, steps, scale in configs:
         got = {(r["domain"], r["shots"]): r for r in rows if (r["method"], r["steps"], r["lr_scale"]) == (method, steps, scale)}
-        lines.append(f"| {method} | {steps or '-'} | {scale or '-':} | " + " | ".join(
+        lines.append(f"| {method} | {steps or '-'} | {scale or '-'} | " + " | ".join(
             f"{100 * got[c]['acc']:.1f} ± {100 * got[c]['acc_ci95']:.1f}" for c in cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -22,6 +22,11 @@ from metacontrastive.data.synthetic import write_synthetic
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
+# Limits that make the default run train and validate in seconds on a CPU (5-way so that the demo's 6
+# validation and test classes of natural and 5 of medical all serve).
+TINY = ["--data.ways=5", "--data.shots=2", "--data.queries=3", "--data.image_size=16", "--data.steps_per_epoch=3",
+        "--data.val_episodes=2", "--data.tasks_per_batch=2"]
+
 
 def pytest_configure(config):
     """Under pytest-xdist, each worker takes its share of the cores (the tests' own subprocesses keep torch's
@@ -29,10 +34,6 @@ def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
-# Limits that make the default run train and validate in seconds on a CPU (5-way so that the demo's 6
-# validation and test classes of natural and 5 of medical all serve).
-TINY = ["--data.ways=5", "--data.shots=2", "--data.queries=3", "--data.image_size=16", "--data.steps_per_epoch=3",
-        "--data.val_episodes=2", "--data.tasks_per_batch=2"]
 
 
 @pytest.fixture(scope="session")
