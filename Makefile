@@ -92,7 +92,7 @@ bench: install ## Speed benchmarks: meta-step vs plain step, memory, scaling, lo
 	$(PY) bench/speed.py --out bench/results $(ARGS)
 	$(PY) bench/data_throughput.py --out bench/results
 	$(PY) bench/feature_cache.py --out bench/results
-	$(PY) bench/evaluate_speed.py
+	$(PY) bench/evaluate_speed.py --before docs/speed/evaluate_before.json --json bench/results/evaluate_speed.json
 
 tensorboard: install ## Serve the TensorBoard logs in logs/ on port 6006
 	$(VENV)/bin/tensorboard --logdir logs --port 6006
