@@ -11,7 +11,7 @@ Printed: a table of accuracy ± 95% interval per domain and shots, and seconds p
 baseline_sweep.md and .json.
 
 Usage:
-    python bench/baseline_sweep.py [--methods tail_finetune,tail_film] [--configs "tail_steps=10,tail_film_lr=2e-3;..."]
+    python bench/baseline_sweep.py [--methods tail_finetune,tail_film] [--configs "tail_film_steps=10,tail_film_lr=2e-3;..."]
         [--finetune-preset recipe] [--seed 0] [study options: --work runs/study --episodes 50 --shots 5,20 ...]
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ UNTRAINED = ("projection", "tail_finetune", "tail_film")
 
 
 def parse_config(text: str) -> dict:
-    """``"tail_steps=10,tail_film_lr=2e-3"`` -> the EvalOptions fields it sets, typed as the defaults are."""
+    """``"tail_film_steps=10,tail_film_lr=2e-3"`` -> the EvalOptions fields it sets, typed as the defaults are."""
     fields = {f.name: type(getattr(EvalOptions(), f.name)) for f in dataclasses.fields(EvalOptions)}
     config = {}
     for item in filter(None, text.split(",")):

@@ -66,7 +66,7 @@ from metacontrastive.data.datamodule import EpisodicDataModule
 from metacontrastive.data.manifest import MANIFEST
 from metacontrastive.data.prepare import write_domain
 from metacontrastive.data.tasks import VariableShape
-from metacontrastive.evaluation import METHODS, Result, evaluate
+from metacontrastive.evaluation import METHODS, EvalOptions, Result, evaluate
 from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import markdown_table, mean_over_seeds, plot_accuracy_vs_shots, write_results
 
@@ -240,7 +240,9 @@ _SCORED_BY = ("domains", "score_domains", "steps", "episodes", "shots", "split",
 
 def scores_path(job: Job, args: argparse.Namespace) -> Path:
     """Where a finished job keeps its scores: ``--work``/scores/<settings hash>/<job>.json."""
-    settings = json.dumps({k: str(getattr(args, k)) for k in _SCORED_BY}, sort_keys=True)
+    settings = {k: str(getattr(args, k)) for k in _SCORED_BY}
+    settings["methods' settings"] = str(dataclasses.asdict(EvalOptions()))  # steps, rates: new defaults, new scores
+    settings = json.dumps(settings, sort_keys=True)
     return args.work / "scores" / hashlib.sha1(settings.encode()).hexdigest()[:12] / f"{job.name}.json"
 
 

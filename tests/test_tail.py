@@ -167,9 +167,9 @@ def test_the_in_tower_baselines_start_at_the_feature_centroid_and_train_each_cop
     torch.manual_seed(0)
     module = MetaContrastiveModule(domains=DOMAINS, encoder=_encoder("last_stage"), domain_dropout=0.0).eval()
     episodes = _episodes(module)
-    untrained = predict(method, episodes, EvalOptions(tail_steps=0))
+    untrained = predict(method, episodes, EvalOptions(tail_finetune_steps=0, tail_film_steps=0))
     assert torch.equal(untrained, predict("feature_centroid", episodes))
-    opts = EvalOptions(tail_steps=3, tail_finetune_lr=1e-2, tail_film_lr=1e-1)
+    opts = EvalOptions(tail_finetune_steps=3, tail_film_steps=3, tail_finetune_lr=1e-2, tail_film_lr=1e-1)
     alone = torch.cat([predict(method, [ep], opts) for ep in episodes])
     # a memory bound that splits the chunk into one copy at a time: each episode as alone
     assert torch.equal(predict(method, episodes, dataclasses.replace(opts, tail_values=1)), alone)
@@ -179,9 +179,9 @@ def test_the_in_tower_baselines_start_at_the_feature_centroid_and_train_each_cop
     trunk = torch.stack([ep.h_trunk for ep in episodes]).double()  # (B, S + Q, C, h, w)
     train = getattr(intower, method)
     lr = opts.tail_finetune_lr if method == "tail_finetune" else opts.tail_film_lr
-    together = train(tail, trunk, episodes[0].support_labels, episodes[0].ways, opts.tail_steps, lr, opts.tail_scale)
+    together = train(tail, trunk, episodes[0].support_labels, episodes[0].ways, 3, lr, opts.tail_scale)
     assert torch.equal(together, torch.cat([train(tail, t[None], episodes[0].support_labels, episodes[0].ways,
-                                                  opts.tail_steps, lr, opts.tail_scale) for t in trunk]))
+                                                  3, lr, opts.tail_scale) for t in trunk]))
     assert not torch.equal(together, untrained)  # training moved them
     assert all(not p.requires_grad for p in module.model.image_tail.parameters())  # the model's own tail untouched
 
@@ -219,7 +219,7 @@ def test_evaluate_scores_the_in_tower_methods_on_cached_trunk_activations(sharde
     dm.attach(module.model.frozen_image_tower(), progress=False)
     sets = dm.episode_sets("val", [2], 4)
     results = evaluate(module, sets, ["feature_centroid", "tail_finetune", "tail_film", "dcmcl"],
-                       EvalOptions(tail_steps=2), progress=False)
+                       EvalOptions(tail_finetune_steps=2, tail_film_steps=2), progress=False)
     assert {r.method for r in results} == {"feature_centroid", "tail_finetune", "tail_film", "dcmcl"}
     assert all(0.0 <= r.acc <= 1.0 for r in results)
 
