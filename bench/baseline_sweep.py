@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 import warnings
@@ -81,22 +80,10 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 rows += [r.as_dict() | {"config": label, "seconds": seconds} for r in results]
                 print(f"{method}, {label}: {seconds:.0f}s", flush=True)
-    cells = list(dict.fromkeys((r["domain"], r["shots"]) for r in rows))
-    header = "| method | config | seconds | " + " | ".join(f"{d} {k}" for d, k in cells) + " |"
-    lines = [f"validation classes, {args.episodes} episodes per domain and shots; finetune on {own.finetune_preset} "
-             f"seed {own.seed}", "", header, "|" + "---|" * (3 + len(cells))]
-    for method, label in dict.fromkeys((r["method"], r["config"]) for r in rows):
-        got = {(r["domain"], r["shots"]): r for r in rows if (r["method"], r["config"]) == (method, label)}
-        first = next(iter(got.values()))
-        lines.append(f"| {method} | {label} | {first['seconds']:.0f} | " + " | ".join(
-            f"{100 * got[c]['acc']:.1f} ± {100 * got[c]['acc_ci95']:.1f}" if c in got else "-" for c in cells) + " |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "baseline_sweep.md").write_text(table)
-    (args.out / "baseline_sweep.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {args.out}/baseline_sweep.md, baseline_sweep.json")
-
+    study.write_sweep(rows, {"method": lambda r: r["method"], "config": lambda r: r["config"],
+                             "seconds": lambda r: f"{r['seconds']:.0f}"},
+                      f"validation classes, {args.episodes} episodes per domain and shots; finetune on "
+                      f"{own.finetune_preset} seed {own.seed}", args.out, "baseline_sweep")
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -54,22 +53,10 @@ def main() -> None:
             rows += [r.as_dict() | {"steps": steps, "lr_scale": scale} for r in results]
             print(f"dcmcl, {steps} step(s), inner lr x{scale:g}: {time.perf_counter() - start:.0f}s", flush=True)
     module.learner.lr = base_lr
-    cells = sorted({(r["domain"], r["shots"]) for r in rows}, key=lambda c: ([s.split.name for s in sets].index(c[0]), c[1]))
-    configs = list(dict.fromkeys((r["method"], r["steps"], r["lr_scale"]) for r in rows))
-    header = "| method | steps | inner lr x | " + " | ".join(f"{d} {k}" for d, k in cells) + " |"
-    lines = [f"{own.preset} seed {own.seed}, validation classes, {args.episodes} episodes, inner lr of the run "
-             f"{base_lr:g}", "", header, "|" + "---|" * (3 + len(cells))]
-    for method, steps, scale in configs:
-        got = {(r["domain"], r["shots"]): r for r in rows if (r["method"], r["steps"], r["lr_scale"]) == (method, steps, scale)}
-        lines.append(f"| {method} | {steps or '-'} | {scale or '-'} | " + " | ".join(
-            f"{100 * got[c]['acc']:.1f} ± {100 * got[c]['acc_ci95']:.1f}" for c in cells) + " |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inner_sweep.md").write_text(table)
-    (args.out / "inner_sweep.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {args.out}/inner_sweep.md, inner_sweep.json")
-
+    study.write_sweep(rows, {"method": lambda r: r["method"], "steps": lambda r: str(r["steps"] or "-"),
+                             "inner lr x": lambda r: f"{r['lr_scale']:g}" if r["lr_scale"] else "-"},
+                      f"{own.preset} seed {own.seed}, validation classes, {args.episodes} episodes, inner lr of the run "
+                      f"{base_lr:g}", args.out, "inner_sweep")
 
 if __name__ == "__main__":
     main()

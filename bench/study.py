@@ -54,6 +54,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -428,6 +429,26 @@ def plot_differences(decisions: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_sweep(rows: list[dict], columns: dict[str, Callable[[dict], str]], title: str, out: Path, name: str) -> None:
+    """A sweep's table on the validation classes (``bench/inner_sweep.py``, ``bench/baseline_sweep.py``): a line per
+    config, ``columns`` (header: how a row shows it) then accuracy ± interval per domain and shots, printed and
+    written to ``out``/``name``.md, the rows (``Result.as_dict`` and the config) to ``out``/``name``.json."""
+    config = lambda r: tuple(show(r) for show in columns.values())  # noqa: E731
+    cells = list(dict.fromkeys((r["domain"], r["shots"]) for r in rows))
+    lines = [title, "", "| " + " | ".join(columns) + " | " + " | ".join(f"{d} {k}" for d, k in cells) + " |",
+             "|" + "---|" * (len(columns) + len(cells))]
+    for shown in dict.fromkeys(map(config, rows)):
+        got = {(r["domain"], r["shots"]): r for r in rows if config(r) == shown}
+        lines.append("| " + " | ".join(shown) + " | " + " | ".join(
+            f"{100 * got[c]['acc']:.1f} ± {100 * got[c]['acc_ci95']:.1f}" if c in got else "-" for c in cells) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {out}/{name}.md, {name}.json")
 
 
 def parse_args() -> argparse.Namespace:

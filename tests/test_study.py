@@ -88,9 +88,7 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
     assert [run["trained"] for run in resumed["runs"]] == [True, True, True, False]  # intower seed 1: loaded, not trained
     assert first == {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in resumed["per_seed"]}
     # the sweep of the test-time inner loop loads a run of the study and scores its validation classes
-    spec = importlib.util.spec_from_file_location("inner_sweep", ROOT / "bench" / "inner_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _bench("inner_sweep")
     options = argv[1:argv.index("--presets")] + argv[argv.index("--ways"):argv.index("--variable")] + argv[argv.index("--set"):]
     monkeypatch.setattr(sys, "argv", ["inner_sweep", "--preset", "intower", "--seed", "1", "--inner-steps", "1,3",
                                       "--lr-scale", "1,10", "--episodes", "2", "--shots", "1", *options,
@@ -100,6 +98,22 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
     assert {(r["method"], r["steps"], r["lr_scale"]) for r in swept} == {("prototype", 0, 0.0)} | {
         ("dcmcl", k, lr) for k in (1, 3) for lr in (1.0, 10.0)}
     assert {r["domain"] for r in swept} == {"natural"}  # the far domain has no validation classes
+    # the sweep of the trained baselines' settings scores each config of the untrained model's in-tower methods
+    monkeypatch.setattr(sys, "argv", ["baseline_sweep", "--methods", "tail_finetune,tail_film", "--configs",
+                                      "tail_finetune_steps=1,tail_film_steps=1", "--episodes", "2", "--shots", "1",
+                                      *options, "--out", str(tmp_path / "baselines")])
+    _bench("baseline_sweep").main()
+    swept = json.loads((tmp_path / "baselines" / "baseline_sweep.json").read_text())
+    assert {(r["method"], r["config"], r["domain"]) for r in swept} == {
+        (m, c, "natural") for m in ("tail_finetune", "tail_film") for c in ("defaults", "tail_finetune_steps=1, tail_film_steps=1")}
+
+
+def _bench(name: str):
+    """A script of bench/, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
