@@ -4,6 +4,10 @@ engines with the same gradients, and the in-tower baselines start at the feature
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +283,20 @@ def test_the_in_tower_baselines_gradients_hold_no_graph():
     intower._train_and_predict(params, intower._head_pooled(tail), trunk, episodes[0].support_labels, episodes[0].ways,
                                2, 1e-3, 10.0)
     assert all(p.grad is not None and p.grad.grad_fn is None for p in params.values())
+
+
+def test_the_evaluation_benchmark_times_the_in_tower_model_and_compares_with_an_earlier_run(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("evaluate_speed", Path(__file__).resolve().parents[1] / "bench" / "evaluate_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = tmp_path / "before.json"
+    before.write_text(json.dumps({"ms_per_episode": {"tail_finetune": 1e6, "feature_centroid": 1e6}}))
+    monkeypatch.setattr(sys, "argv", ["evaluate_speed", "--episodes", "2", "--chunk", "2", "--methods",
+                                      "feature_centroid,tail_finetune", "--json", str(tmp_path / "now.json"),
+                                      "--before", str(before)])
+    bench.main()
+    now = json.loads((tmp_path / "now.json").read_text())
+    assert set(now["ms_per_episode"]) == {"feature_centroid", "tail_finetune"} and now["tail"] == "head"
+    assert all(0 < ms < 1e6 for ms in now["ms_per_episode"].values())
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert lines["tail_finetune"].split()[-1].endswith("x") and "(before: 2400000 s)" in lines["all"]
