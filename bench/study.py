@@ -29,7 +29,8 @@ far-domain protocol of BSCD-FSL (Guo et al. 2020):
 The study is a grid of independent jobs (the untrained methods on each domain; each preset for each seed), run in
 ``--jobs`` processes here or submitted through submitit (``--launcher slurm``). Everything that can be reused is:
 converted shards and their manifests (``--work``), the feature cache (beside the shards), trained runs
-(``--work``/logs: a run whose ``last.ckpt`` exists is evaluated, not retrained) and the scores of finished jobs
+(``--work``/logs/<preset>/seed<N>-<hash of what its training read>: a run whose ``last.ckpt`` exists is
+evaluated, not retrained; other training settings or an edited preset make another run) and the scores of finished jobs
 (``--work``/scores, per settings), so a killed study resumes at the jobs it had not finished; ``--retrain`` redoes
 both.
 
@@ -144,29 +145,39 @@ def convert(domain: Domain, args: argparse.Namespace) -> float:
 
 def fit_args(preset: str, seed: int, args: argparse.Namespace) -> list[str]:
     """The CLI arguments of one run: default + pretrained recipe, the ablation preset, the study's own settings of
-    that preset (``conf/study/<preset>.yaml``), then the domains, budget and seed."""
-    configs = ["-c", str(CONF / "default.yaml"), "-c", str(CONF / "pretrained.yaml")]
-    if (CONF / "ablations" / f"{preset}.yaml").exists():
-        configs += ["-c", str(CONF / "ablations" / f"{preset}.yaml")]
-    if (CONF / "study" / f"{preset}.yaml").exists():
-        configs += ["-c", str(CONF / "study" / f"{preset}.yaml")]
+    that preset (``conf/study/<preset>.yaml``), then the domains, budget and seed; its logs go to ``run_version``."""
+    configs = [CONF / "default.yaml", CONF / "pretrained.yaml"]
+    configs += [path for path in (CONF / "ablations" / f"{preset}.yaml", CONF / "study" / f"{preset}.yaml") if path.exists()]
     train = [d.name for d in args.domains if d.split is not None]
-    return configs + [
+    run = [
         f"--data.domains=[{','.join(train)}]", f"--data.val_domains=[{','.join(train)}]",
-        f"--data.test_domains=[{','.join(d.name for d in args.domains)}]", f"--data.root={args.shards}",
+        f"--data.test_domains=[{','.join(d.name for d in args.domains)}]",
         f"--data.ways={args.ways}", f"--data.eval_ways={args.eval_ways}", "--data.feature_cache=on",
-        f"--trainer.max_steps={args.steps}", f"--trainer.logger.init_args.save_dir={args.work / 'logs'}",
-        f"--trainer.logger.init_args.name={preset}", f"--trainer.logger.init_args.version=seed{seed}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--seed_everything={seed}",
-        f"--data.seed={seed}", *([] if args.callbacks else ["--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]),
+        f"--trainer.max_steps={args.steps}", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--seed_everything={seed}", f"--data.seed={seed}",
+        *([] if args.callbacks else ["--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]),
         *[f"--{s}" for s in args.set]]
+    # what the run's weights depend on: the presets' contents (not their paths), these arguments, and how the shards
+    # were converted; a run trained under other settings has another version, so it is never loaded for these
+    trained_by = json.dumps([[path.read_text() for path in configs], run, args.size, args.per_class, args.split_seed])
+    version = f"seed{seed}-{hashlib.sha1(trained_by.encode()).hexdigest()[:8]}"
+    return [arg for path in configs for arg in ("-c", str(path))] + [
+        f"--data.root={args.shards}", f"--trainer.logger.init_args.save_dir={args.work / 'logs'}",
+        f"--trainer.logger.init_args.name={preset}", f"--trainer.logger.init_args.version={version}", *run]
+
+
+def run_version(cli_args: list[str]) -> str:
+    """The logger version (the run's folder under ``--work``/logs/<preset>) that ``fit_args`` chose."""
+    prefix = "--trainer.logger.init_args.version="
+    return next(a[len(prefix):] for a in cli_args if a.startswith(prefix))
 
 
 def train(preset: str, seed: int, args: argparse.Namespace) -> tuple[MetaContrastiveModule, EpisodicDataModule, dict]:
     """Train one run (or load its finished ``last.ckpt``); the module, its data module and the run's record."""
-    cli = MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False, args=fit_args(preset, seed, args),
+    cli_args = fit_args(preset, seed, args)
+    cli = MetaCLI(MetaContrastiveModule, EpisodicDataModule, run=False, args=cli_args,
                   trainer_defaults={"inference_mode": False}, save_config_kwargs={"overwrite": True})
-    last = args.work / "logs" / preset / f"seed{seed}" / "checkpoints" / "last.ckpt"
+    last = args.work / "logs" / preset / run_version(cli_args) / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
     if last.exists() and not args.retrain:
         module = MetaContrastiveModule.load_from_checkpoint(last)

@@ -108,6 +108,21 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
         (m, c, "natural") for m in ("tail_finetune", "tail_film") for c in ("defaults", "tail_finetune_steps=1, tail_film_steps=1")}
 
 
+def test_a_run_trained_under_other_settings_is_another_run_never_loaded_for_these(tmp_path, monkeypatch):
+    study = _study()
+    base = ["study", "--work", str(tmp_path), "--data", str(tmp_path / "data")]
+    version = lambda *extra: study.run_version(study.fit_args("intower", 0, _parsed(study, monkeypatch, base + list(extra))))  # noqa: E731
+    assert version() == version() and version().startswith("seed0-")
+    assert version("--steps", "7") != version()  # before: seed0 for both, and the 300-step run was loaded
+    assert version("--set", "model.lr=1e-3") != version() and version("--size", "64") != version()
+    assert version("--episodes", "3") == version()  # scoring settings do not retrain
+
+
+def _parsed(study, monkeypatch, argv: list[str]):
+    monkeypatch.setattr(sys, "argv", argv)
+    return study.parse_args()
+
+
 def _bench(name: str):
     """A script of bench/, imported as a module."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
