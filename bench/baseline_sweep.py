@@ -85,5 +85,6 @@ def main() -> None:
                       f"validation classes, {args.episodes} episodes per domain and shots; finetune on "
                       f"{own.finetune_preset} seed {own.seed}", args.out, "baseline_sweep")
 
+
 if __name__ == "__main__":
     main()
