@@ -96,6 +96,7 @@ def main() -> None:
         for key, value in stats.items():
             print(f"  {key:>20} {value:8.3f}")
     out = Path(args.out) if args.out else run_folder(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps(report, indent=2))
 
 
