@@ -82,6 +82,10 @@ class EvalOptions:
         projection_lr: their learning rate.
         projection_temperature: the fixed temperature of ``projection``'s contrastive loss (CLIP's 0.07).
         projection_hidden: hidden width of ``projection``'s heads.
+        projection_dim: the size of their shared space: ``EncoderConfig``'s default ``embed_dim`` (128), whatever
+            the evaluated model's own, so that ``projection`` is the same baseline on every checkpoint and equals the
+            study's row (scored on the untrained model of ``conf/pretrained.yaml``, whose space is 128-d). It was
+            the evaluated model's size before: 1280 on the residual presets, at 2.4 to 2.6 times the cost per episode.
         probe_c: inverse L2 strength of ``linear_probe`` (scikit-learn's ``C``).
         feature_probe_c: the same for ``feature_probe``, on centred, unit-norm tower features: 1, scikit-learn's
             default, which Tian et al. (2020, "Rethinking few-shot image classification") use on normalised
@@ -109,6 +113,7 @@ class EvalOptions:
     projection_lr: float = 1e-3
     projection_temperature: float = 0.07
     projection_hidden: int = 256
+    projection_dim: int = 128
     probe_c: float = 1.0
     feature_probe_c: float = 1.0
     probe_iters: int = 100
@@ -299,7 +304,7 @@ def _nearest_text(z_query: torch.Tensor, z_text: torch.Tensor) -> torch.Tensor:
 
 def _projection(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
     first = episodes[0]
-    hidden, dim = opts.projection_hidden, first.z_text.shape[1]  # the model's shared-space size
+    hidden, dim = opts.projection_hidden, opts.projection_dim
     with torch.random.fork_rng(devices=[]):  # one seeded initialisation for every episode, without touching the global stream
         torch.manual_seed(opts.seed)
         heads = _FreshHeads(first.h_image.shape[1], first.h_text.shape[1], hidden, dim).to(first.h_image.device)
@@ -374,8 +379,6 @@ def _dcmcl(episodes: list[Episode], opts: EvalOptions) -> torch.Tensor:
         piece = _tail_piece(episodes[0], opts) if episodes[0].h_trunk is not None else len(views)
         return torch.cat([func_predictions(module.learner, views[i:i + piece], steps) for i in range(0, len(views), piece)])
     return torch.stack([adapt_and_score(module.learner, view, steps, first_order=True).predictions() for view in views])
-
-
 
 
 def _each(method: Callable[[Episode, EvalOptions], torch.Tensor]) -> Method:

@@ -3,6 +3,7 @@ tower-feature baselines against scikit-learn and numpy, identical episodes for e
 held-out domains, and the copies that evaluation trains: together as if alone, what plain PyTorch training of
 each copy gives, with the model's own forward."""
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -187,6 +188,21 @@ def test_finetune_trains_a_copy_per_episode_as_if_each_were_alone(module):
 def test_projection_trains_fresh_heads_per_episode_as_if_each_were_alone():
     episodes = [_separated(seed=s) for s in range(3)]
     assert torch.equal(predict("projection", episodes), torch.cat([predict("projection", [ep]) for ep in episodes]))
+
+
+def test_projection_is_the_same_baseline_whatever_the_models_shared_space(module, residual_module):
+    """Its fresh heads map into ``projection_dim``, not the evaluated model's space (32 and 128 here), so a
+    checkpoint's row equals the study's, scored on an untrained model."""
+    small, large = ([Episode.of(m, _task(seed=s, noise=0.3), 0) for s in range(2)] for m in (module, residual_module))
+    assert (small[0].z_text.shape[1], large[0].z_text.shape[1]) == (32, 128)
+    assert all(torch.equal(a.h_image, b.h_image) and torch.equal(a.h_text, b.h_text) for a, b in zip(small, large))
+    opts = EvalOptions(projection_steps=5)
+    assert torch.equal(predict("projection", small, opts), predict("projection", large, opts))
+    # noisy enough that the heads' size shows (a 32-d space answers otherwise): the equality above is not vacuous
+    assert not torch.equal(predict("projection", small, dataclasses.replace(opts, projection_dim=32)),
+                           predict("projection", small, opts))
+    heads = evaluation._FreshHeads(8, 8, 4, EvalOptions().projection_dim)
+    assert heads.image.net[2].out_features == 128 and EvalOptions().projection_dim == EncoderConfig().embed_dim
 
 
 def test_the_stacked_copies_compute_the_models_own_embeddings(either_module):
