@@ -72,6 +72,11 @@ from metacontrastive.evaluation import METHODS, EvalOptions, Result, evaluate
 from metacontrastive.module import MetaContrastiveModule
 from metacontrastive.reporting import markdown_table, mean_over_seeds, plot_accuracy_vs_shots, write_results
 
+# what the local launcher's process server imports once for every job (the slow imports above)
+PRELOAD = ["matplotlib.pyplot", "scipy.stats", "torch", "metacontrastive.cli", "metacontrastive.data.datamodule",
+           "metacontrastive.data.prepare", "metacontrastive.evaluation", "metacontrastive.module",
+           "metacontrastive.reporting"]
+
 PRESETS = ("contrastive", "conditioned", "maml", "full", "projection", "recipe", "intower")
 # read no trained weight: scored once, on the untrained model with its tower cut (``--baseline-tail``)
 UNTRAINED = ("pixels", "feature_centroid", "feature_probe", "projection", "tail_finetune", "tail_film")
@@ -332,8 +337,10 @@ def _run_elsewhere(jobs: list[Job], args: argparse.Namespace) -> list[dict]:
         # Lightning) once and ran nothing: a spawned process spent about 7 s importing them, per job
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         context = multiprocessing.get_context("forkserver")
-        if __name__ != "__main__":  # run as a script, the server imports the main file itself
-            context.set_forkserver_preload([__name__])
+        if __name__ != "__main__":  # run as a script, the server imports the main file itself; imported as a module
+            # (the tests), the server cannot import this file (bench/ is not on its path, and a failed preload is
+            # silent), so it imports what this file imports: before, each job paid those 6 s again
+            context.set_forkserver_preload(PRELOAD)
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context, max_tasks_per_child=1) as pool:
             futures = {pool.submit(run_job, job, args): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):

@@ -142,7 +142,7 @@ def test_the_marked_blocks_run_in_order(tmp_path):
     parts = ["set -euo pipefail"]
     for line, text, marked in bash_blocks(README):
         if marked:
-            parts += [f"echo '### README.md line {line}'", text]
+            parts += [f"echo \"### README.md line {line} (at $SECONDS s)\"", text]
     script = tmp_path / "readme.sh"
     script.write_text("\n".join(parts) + "\n")
     env = _environment(PATH=f"{checkout / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", D=str(data),

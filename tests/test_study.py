@@ -89,7 +89,9 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
     assert first == {(r["seed"], r["method"], r["domain"], r["shots"]): r["acc"] for r in resumed["per_seed"]}
     # the sweep of the test-time inner loop loads a run of the study and scores its validation classes
     sweep = _bench("inner_sweep")
-    options = argv[1:argv.index("--presets")] + argv[argv.index("--ways"):argv.index("--variable")] + argv[argv.index("--set"):]
+    options = (argv[1:argv.index("--presets")] + argv[argv.index("--steps"):argv.index("--episodes")]
+               + argv[argv.index("--ways"):argv.index("--variable")] + argv[argv.index("--set"):])
+    runs = sorted((tmp_path / "work" / "logs" / "intower").iterdir())
     monkeypatch.setattr(sys, "argv", ["inner_sweep", "--preset", "intower", "--seed", "1", "--inner-steps", "1,3",
                                       "--lr-scale", "1,10", "--episodes", "2", "--shots", "1", *options,
                                       "--out", str(tmp_path / "sweep")])
@@ -98,6 +100,7 @@ def test_the_study_trains_scores_and_judges_on_tiny_folders(tmp_path, monkeypatc
     assert {(r["method"], r["steps"], r["lr_scale"]) for r in swept} == {("prototype", 0, 0.0)} | {
         ("dcmcl", k, lr) for k in (1, 3) for lr in (1.0, 10.0)}
     assert {r["domain"] for r in swept} == {"natural"}  # the far domain has no validation classes
+    assert sorted((tmp_path / "work" / "logs" / "intower").iterdir()) == runs  # loaded: no run trained for the sweep
     # the sweep of the trained baselines' settings scores each config of the untrained model's in-tower methods
     monkeypatch.setattr(sys, "argv", ["baseline_sweep", "--methods", "tail_finetune,tail_film", "--configs",
                                       "tail_finetune_steps=1,tail_film_steps=1", "--episodes", "2", "--shots", "1",
