@@ -38,6 +38,10 @@ def check_options(options: dict) -> None:
     for name in ("tower_lr", "domain_lr", "metasgd_lr"):
         if options[name] is not None and (not math.isfinite(options[name]) or options[name] <= 0):
             refuse(name, "a learning rate must be a finite number above 0, or null for model.lr")
+    rate = options["inner_label_lr"]
+    if rate is not None and (not math.isfinite(rate) or rate <= 0):
+        refuse("inner_label_lr", "a learning rate must be a finite number above 0, or null to leave the labels to the "
+                                 "fast weights")
     if not 0.0 <= options["domain_dropout"] <= 1.0:
         refuse("domain_dropout", "a probability: use a value in [0, 1]")
     for name in ("align_weight", "weight_decay", "warmup_steps", "align_warmup_steps"):

@@ -30,6 +30,8 @@ from metacontrastive.models.clip import DomainConditionedCLIP
 
 with contextlib.redirect_stderr(io.StringIO()):  # learn2learn imports gym, which prints a notice on import
     from learn2learn.algorithms import MAML, MetaSGD
+    from learn2learn.algorithms.maml import maml_update
+    from learn2learn.algorithms.meta_sgd import meta_sgd_update
 
 __all__ = ["ADAPT_SCOPES", "ALGORITHMS", "ENGINES", "AdaptScope", "Adapted", "Algorithm", "Engine", "FunctionalParts",
            "Rows", "TaskView", "adapt", "adapt_and_score", "batch_features", "blend_domains", "build_learner",
@@ -192,7 +194,10 @@ class TaskView:
     A label's embedding (what images are matched against) is the mean of its prompts' normalised embeddings
     (prompt ensembling, when the task has several prompts per class), and, with ``prototype_weight``, moved
     toward the normalised mean of its support images: c = normalise(t + beta * p). So the class prompts of
-    a labelled task start near its support images before any inner step.
+    a labelled task start near its support images before any inner step. With ``label_lr`` the inner loop adapts
+    those label embeddings too, as fast weights of their own started there (Proto-MAML's classifier initialised at
+    the prototypes, Triantafillou et al. 2020): ``labels`` gives the start, and ``loss`` / ``embed`` take the
+    adapted ones (normalised where they are used: a cosine classifier) in place of recomputing them.
 
     Args:
         model: the dual encoder.
@@ -202,12 +207,14 @@ class TaskView:
         adapted: the parts of the model the inner loop adapts (``ADAPT_SCOPES[scope]``).
         prototype_weight: beta, or None for prompts alone.
         features: the task's tower features when the caller computed them already (``batch_features``).
+        label_lr: the inner-loop rate of the label embeddings, or None to recompute them from the fast weights.
     """
 
     def __init__(self, model: DomainConditionedCLIP, task: Task, domain_row: int | torch.Tensor,
                  adapted: tuple[str, ...] = (), prototype_weight: torch.Tensor | None = None,
-                 features: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 features: tuple[torch.Tensor, torch.Tensor] | None = None, label_lr: float | None = None) -> None:
         self.model, self.task = model, task
+        self.label_lr = label_lr if task.labelled else None  # caption batches have no labels to adapt
         self.towers_adapt = "image_tower" in adapted or "text_tower" in adapted
         self.prototype_weight = prototype_weight if task.labelled else None
         self.images = task_images(task)  # (S + Q, 3, H, W), or None with cached features
@@ -303,15 +310,19 @@ class TaskView:
         prototypes = F.normalize(class_means(z_support, self.support.labels, len(z_text)), dim=-1)  # (L, D)
         return F.normalize(z_text + self.prototype_weight * prototypes, dim=-1)
 
-    def embed(self, rows: Rows, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised image embeddings of ``rows`` (n, D) and the embeddings of the labels they point at (m, D)."""
+    def embed(self, rows: Rows, fast: Parts | None = None, labels: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image embeddings of ``rows`` (n, D) and the embeddings of the labels they point at (m, D):
+        ``labels`` (L, D), the adapted label embeddings (``label_lr``), or those of ``fast``."""
         features = self.features(fast)  # once: with an adapting tail, each call runs it
         z_image = self.model.embed_image(features[0][rows.index], self.domain_row, fast)
-        return z_image, self.labels(fast, features)[rows.texts]
+        z_labels = self.labels(fast, features) if labels is None else F.normalize(labels, dim=-1)
+        return z_image, z_labels[rows.texts]
 
-    def loss(self, rows: Rows, fast: Parts | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The contrastive loss on ``rows`` and the embeddings it was computed from."""
-        z_image, z_text = self.embed(rows, fast)
+    def loss(self, rows: Rows, fast: Parts | None = None, labels: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The contrastive loss on ``rows`` and the embeddings it was computed from (``labels``: as ``embed``)."""
+        z_image, z_text = self.embed(rows, fast, labels)
         return contrastive_loss(z_image, z_text, self.model.scale(), rows.labels, rows.texts), z_image, z_text
 
 
@@ -374,12 +385,50 @@ def adapt_and_score(
     """
     with torch.enable_grad():  # Lightning's evaluation loops run under no_grad; the inner loop needs gradients
         clone = learner.clone()
-        support_losses = adapt(clone, lambda parts: view.loss(view.support, parts)[0], steps, first_order)
-        loss, z_query, z_text = view.loss(view.query, clone.module)
+        if view.label_lr is None:
+            labels = None
+            support_losses = adapt(clone, lambda parts: view.loss(view.support, parts)[0], steps, first_order)
+        else:
+            support_losses, labels = _adapt_with_labels(clone, view, steps, first_order)
+        loss, z_query, z_text = view.loss(view.query, clone.module, labels)
     if final_support_loss:
         with torch.no_grad():
-            support_losses.append(view.loss(view.support, clone.module)[0])
+            support_losses.append(view.loss(view.support, clone.module, labels)[0])
     return Adapted(loss, z_query, z_text, view.query.texts, support_losses)
+
+
+def _adapt_with_labels(clone: MAML | MetaSGD, view: TaskView, steps: int, first_order: bool | None
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``adapt`` for a view whose label embeddings adapt too (``label_lr``): each step moves the learner's parts
+    (its own rule: MAML's rate or MetaSGD's) and the labels by ``label_lr`` on the same support loss, each the
+    gradient with respect to itself. The labels start at ``view.labels`` of the slow weights, with their graph, so
+    the outer loop learns their start.
+
+    Returns:
+        The detached support loss before each step, and the adapted (L, D) labels.
+    """
+    first_order = clone.first_order if first_order is None else first_order
+    kernel = contextlib.nullcontext() if first_order else sdpa_kernel(SDPBackend.MATH)  # as ``adapt``
+    # from the slow weights themselves, not the clone's copies: the labels are a variable of their own, so the inner
+    # gradient of the parts does not run through their start (as ``func_adapt_and_score``'s separate argument)
+    labels, losses = view.labels(), []
+    with kernel:
+        for _ in range(steps):
+            loss = view.loss(view.support, clone.module, labels)[0]
+            params = list(clone.module.parameters())
+            trained = [p for p in params if p.requires_grad]  # MAML carries frozen parts (allow_nograd)
+            # the labels may leave parts of the scope unused (the text side, when they start at the prompts alone)
+            *grads, grad_labels = torch.autograd.grad(loss, [*trained, labels], retain_graph=not first_order,
+                                                      create_graph=not first_order, allow_unused=True)
+            grads = iter(grads)
+            grads = [next(grads) if p.requires_grad else None for p in params]  # None: no update (learn2learn's rule)
+            if isinstance(clone, MetaSGD):
+                clone.module = meta_sgd_update(clone.module, clone.lrs, grads)
+            else:
+                clone.module = maml_update(clone.module, clone.lr, grads)
+            labels = labels - view.label_lr * grad_labels
+            losses.append(loss.detach())
+    return losses, labels
 
 
 class FunctionalParts(Mapping):
@@ -436,18 +485,24 @@ def func_adapt_and_score(
     template = views[0]
 
     def one_task(h_image, h_text, row):
-        def support_loss(p):
+        def support_loss(p, labels):
             view = template.with_inputs(h_image, h_text, row)
-            return view.loss(view.support, FunctionalParts(parts, p))[0]
+            return view.loss(view.support, FunctionalParts(parts, p), labels)[0]
 
+        view = template.with_inputs(h_image, h_text, row)
+        # the label embeddings as fast weights of their own (``TaskView.label_lr``), from the slow weights' labels
+        labels = None if view.label_lr is None else view.labels(FunctionalParts(parts, params))
         fast, first_loss = params, None
         for _ in range(steps):
-            grads, loss = torch.func.grad_and_value(support_loss)(fast)
+            if labels is None:
+                grads, loss = torch.func.grad_and_value(support_loss)(fast, None)
+            else:
+                (grads, grad_labels), loss = torch.func.grad_and_value(support_loss, argnums=(0, 1))(fast, labels)
+                labels = labels - view.label_lr * (grad_labels.detach() if first_order else grad_labels)
             first_loss = loss if first_loss is None else first_loss
             fast = {name: fast[name] - rates[name] * (grads[name].detach() if first_order else grads[name])
                     for name in fast}
-        view = template.with_inputs(h_image, h_text, row)
-        loss, z_query, z_text = view.loss(view.query, FunctionalParts(parts, fast))
+        loss, z_query, z_text = view.loss(view.query, FunctionalParts(parts, fast), labels)
         return loss, z_query, (first_loss if first_loss is not None else loss), z_text
 
     h_image = torch.stack([v.inputs()[0] for v in views])  # (T, S + Q, F_I), or the tail's start (T, S + Q, C, h, w)

@@ -97,6 +97,9 @@ class MetaContrastiveModule(L.LightningModule):
         prototype_prompts: beta's starting value: each label's embedding is its prompts' moved toward the
             mean of its support images, normalise(t + beta * p), with beta learned in the outer loop (see
             ``meta.TaskView``); None: prompts alone.
+        inner_label_lr: the inner loop also adapts each task's label embeddings, at this rate, as fast weights
+            started where ``prototype_prompts`` puts them (Proto-MAML, Triantafillou et al. 2020: the classifier
+            initialised at the prototypes, then fine-tuned with the rest); None: they follow the fast weights.
         lr: AdamW learning rate of the FiLM generators, heads and temperature (and of any group below
             left at None).
         tower_lr: learning rate of the towers.
@@ -129,6 +132,7 @@ class MetaContrastiveModule(L.LightningModule):
         domain_dropout: float = 0.1,
         unseen: Literal["unknown", "blend"] = "unknown",
         prototype_prompts: float | None = None,
+        inner_label_lr: float | None = None,
         lr: float = 2e-3,
         tower_lr: float | None = None,
         domain_lr: float | None = None,
@@ -194,7 +198,7 @@ class MetaContrastiveModule(L.LightningModule):
         """The model's view of ``task`` conditioned on ``row`` (with its tower features, if computed already);
         outside training, an ``unknown`` row starts from a blend of the known domains when ``unseen`` (default: the
         model's ``unseen``) is ``blend``."""
-        view = TaskView(self.model, task, row, self.adapted, self.prototype_weight, features)
+        view = TaskView(self.model, task, row, self.adapted, self.prototype_weight, features, self.hparams.inner_label_lr)
         unseen = unseen or self.hparams.unseen
         if not train and row == self.model.unknown_domain and unseen == "blend" and self.model.domain is not None:
             blend_domains(view, list(range(len(self.domains))))

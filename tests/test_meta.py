@@ -163,18 +163,45 @@ def _outer_gradients(**options) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss, {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("algorithm, first_order, steps, prototype", [
-    ("maml", False, 1, None), ("maml", True, 1, None), ("maml", False, 3, 1.0), ("metasgd", False, 2, None),
+@pytest.mark.parametrize("algorithm, first_order, steps, prototype, label_lr", [
+    ("maml", False, 1, None, None), ("maml", True, 1, None, None), ("maml", False, 3, 1.0, None),
+    ("metasgd", False, 2, None, None),
+    # the label embeddings adapted as fast weights of their own (inner_label_lr: Proto-MAML's classifier)
+    ("maml", False, 2, 1.0, 0.5), ("maml", True, 2, 1.0, 0.5), ("metasgd", False, 1, None, 0.5),
 ])
-def test_the_func_engine_gives_learn2learns_loss_and_outer_gradients(algorithm, first_order, steps, prototype):
+def test_the_func_engine_gives_learn2learns_loss_and_outer_gradients(algorithm, first_order, steps, prototype, label_lr):
     """In float64, so that only the mathematics is compared (in float32 vmap's batched products reorder sums
     and the two engines differ by about 1e-5 relative on the tower gradients)."""
-    options = dict(algorithm=algorithm, first_order=first_order, inner_steps=steps, prototype_prompts=prototype)
+    options = dict(algorithm=algorithm, first_order=first_order, inner_steps=steps, prototype_prompts=prototype,
+                   inner_label_lr=label_lr)
     (loss_l2l, grads_l2l), (loss_func, grads_func) = (_outer_gradients(meta_engine=e, **options) for e in ("l2l", "func"))
     torch.testing.assert_close(loss_func, loss_l2l, rtol=1e-10, atol=1e-12)
     assert grads_func.keys() == grads_l2l.keys()
     for name in grads_l2l:
         torch.testing.assert_close(grads_func[name], grads_l2l[name], rtol=1e-5, atol=1e-8)
+
+
+def test_adapted_labels_are_fast_weights_of_their_own_from_the_prototypes():
+    """With ``inner_label_lr`` the inner loop moves each task's label embeddings: with the scope's own rate near 0,
+    the support loss falls only through them; their start is the labels of the slow weights (the outer loop trains
+    it), and both engines predict the same classes."""
+    from metacontrastive.evaluation import Episode, predict
+    from metacontrastive.meta import adapt_and_score, func_predictions
+    from metacontrastive.module import MetaContrastiveModule
+
+    task = _meta_batch()[0]
+    gains, outer = {}, {}
+    for label_lr in (None, 2.0):
+        torch.manual_seed(0)
+        module = MetaContrastiveModule(domain_dropout=0.0, inner_lr=1e-9, prototype_prompts=1.0, inner_label_lr=label_lr)
+        view = module.view_of(task, 0)
+        adapted = adapt_and_score(module.learner, view, steps=3, first_order=True, final_support_loss=True)
+        gains[label_lr] = float(adapted.support_losses[0] - adapted.support_losses[-1])
+        adapted.loss.backward()
+        outer[label_lr] = module.log_prototype_weight.grad.clone()  # beta reaches the query loss through the start
+        assert torch.equal(func_predictions(module.learner, [view], 3)[0], adapted.predictions())
+    assert abs(gains[None]) < 1e-6 and gains[2.0] > 0.05, gains
+    assert not torch.allclose(outer[None], outer[2.0])
 
 
 def test_the_func_engine_is_used_for_same_shaped_tasks_and_falls_back_otherwise(monkeypatch):

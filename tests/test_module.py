@@ -92,6 +92,7 @@ def test_nan_loss_stops_with_the_step_and_terms_or_is_skipped_and_counted():
     (dict(inner_lr=float("inf")), r"model.inner_lr=inf"),
     (dict(lr=0.0), r"model.lr=0.0"),
     (dict(tower_lr=-1e-4), r"model.tower_lr=-0.0001: .* or null for model.lr"),
+    (dict(inner_label_lr=0.0), r"model.inner_label_lr=0.0: .* or null to leave the labels to the fast weights"),
     (dict(domain_dropout=1.5), r"model.domain_dropout=1.5: a probability"),
     (dict(eval_inner_steps=-1), r"model.eval_inner_steps=-1: use 0 or more"),
     (dict(align_weight=-0.1), r"model.align_weight=-0.1: use 0 or more"),

@@ -145,12 +145,15 @@ def test_each_in_tower_scope_adapts_only_its_parts(scope, tail):
     assert changed == set(ADAPT_SCOPES[scope])
 
 
-@pytest.mark.parametrize("scope, tail", SCOPES)
-def test_each_in_tower_scope_gives_the_same_loss_and_outer_gradients_on_both_engines(scope, tail):
+@pytest.mark.parametrize("scope, tail, label_lr", [(*s, None) for s in SCOPES] + [("tail_film", "head", 0.5)])
+def test_each_in_tower_scope_gives_the_same_loss_and_outer_gradients_on_both_engines(scope, tail, label_lr):
+    """``label_lr``: the labels adapt too, from the prototypes (``inner_label_lr``, ``prototype_prompts``)."""
     results = []
+    labels = dict(inner_label_lr=label_lr, prototype_prompts=10.0) if label_lr else {}
     for engine in ("l2l", "func"):  # 32 px (1 x 1 trunk activations): the engines' mathematics, at a quarter of the cost
         # second order through the tail's convolutions is costly in float64: one inner step, two tasks, for its weights
-        module = _in_tower_module(scope, tail, size=32, meta_engine=engine, inner_lr=0.5, inner_steps=1 if scope == "tail" else 2)
+        module = _in_tower_module(scope, tail, size=32, meta_engine=engine, inner_lr=0.5, inner_steps=1 if scope == "tail" else 2,
+                                  **labels)
         loss = module.meta_step(_tasks(size=32)[:2 if scope == "tail" else 4], "train")
         loss.backward()
         results.append((loss, {n: p.grad for n, p in module.named_parameters() if p.grad is not None}))
