@@ -485,11 +485,11 @@ def func_adapt_and_score(
     template = views[0]
 
     def one_task(h_image, h_text, row):
+        view = template.with_inputs(h_image, h_text, row)
+
         def support_loss(p, labels):
-            view = template.with_inputs(h_image, h_text, row)
             return view.loss(view.support, FunctionalParts(parts, p), labels)[0]
 
-        view = template.with_inputs(h_image, h_text, row)
         # the label embeddings as fast weights of their own (``TaskView.label_lr``), from the slow weights' labels
         labels = None if view.label_lr is None else view.labels(FunctionalParts(parts, params))
         fast, first_loss = params, None
