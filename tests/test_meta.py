@@ -185,7 +185,6 @@ def test_adapted_labels_are_fast_weights_of_their_own_from_the_prototypes():
     """With ``inner_label_lr`` the inner loop moves each task's label embeddings: with the scope's own rate near 0,
     the support loss falls only through them; their start is the labels of the slow weights (the outer loop trains
     it), and both engines predict the same classes."""
-    from metacontrastive.evaluation import Episode, predict
     from metacontrastive.meta import adapt_and_score, func_predictions
     from metacontrastive.module import MetaContrastiveModule
 
