@@ -4,6 +4,9 @@
 
 - ``step``: ms per training meta-step (time between consecutive training batches, so loading and decoding
   count), ``--warmup`` untimed steps then ``--steps`` timed ones, uncached and cached, and their ratio;
+- ``tail``: the cached meta-step with the image tower cut at each of ``--tails`` (``model.encoder.tail``: the cache
+  holds the trunk's activations and the tail runs on them every step) and the inner loop on the tail's FiLM
+  (``adapt_scope=tail_film``, the ``intower`` preset's), against the pooled-cache step;
 - ``build``: seconds to build the cache of every split the run uses (once; later runs read it);
 - ``evaluate``: seconds for ``--episodes`` test episodes x every method x the two domains, from the cache;
 - ``checkpoint``: MB of the checkpoint the run writes (frozen pretrained towers named, not stored) and of the
@@ -13,7 +16,8 @@ Shards: ``--root`` (needs two labelled domains with train, val and test classes,
 or by default synthetic natural + medical demo shards written at ``--size`` px to a temporary folder.
 
 Usage:
-    python bench/feature_cache.py [--root DIR --domains a,b] [--size 128] [--steps 5] [--episodes 600] [--out bench/results]
+    python bench/feature_cache.py [--root DIR --domains a,b] [--size 128] [--steps 5] [--episodes 600]
+        [--tails head,last_stage] [--out bench/results]
 """
 from __future__ import annotations
 
@@ -51,11 +55,13 @@ class _StepTimer(L.Callback):
         return 1000.0 * sum(gaps) / max(len(gaps), 1)
 
 
-def _module(args) -> MetaContrastiveModule:
+def _module(args, tail: str = "none") -> MetaContrastiveModule:
+    """The benchmark's model; with a ``tail`` the tower is cut there and the inner loop adapts the tail's FiLM."""
     torch.manual_seed(0)
     encoder = EncoderConfig(image_tower=args.tower, text_tower="minilm", freeze_image=True, freeze_text=True,
-                            image_size=args.size)
-    return MetaContrastiveModule(domains=args.domains, encoder=encoder, meta_engine=args.engine)
+                            image_size=args.size, tail=tail)
+    scope = {"adapt_scope": "tail_film"} if tail != "none" else {}
+    return MetaContrastiveModule(domains=args.domains, encoder=encoder, meta_engine=args.engine, **scope)
 
 
 def _datamodule(args, root: str, cache: str) -> EpisodicDataModule:
@@ -63,9 +69,9 @@ def _datamodule(args, root: str, cache: str) -> EpisodicDataModule:
                               steps_per_epoch=args.warmup + args.steps, val_episodes=2, feature_cache=cache)
 
 
-def _fit(args, root: str, cache: str, logs: Path) -> tuple[float, float, MetaContrastiveModule, EpisodicDataModule, Path]:
+def _fit(args, root: str, cache: str, logs: Path, tail: str = "none") -> tuple[float, float, MetaContrastiveModule, EpisodicDataModule, Path]:
     """Train warmup + steps meta-steps; (ms per step, seconds the cache took to build, module, data, checkpoint)."""
-    module, dm = _module(args), _datamodule(args, root, cache)
+    module, dm = _module(args, tail), _datamodule(args, root, cache)
     timer = _StepTimer(args.warmup)
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -73,7 +79,7 @@ def _fit(args, root: str, cache: str, logs: Path) -> tuple[float, float, MetaCon
     start = time.perf_counter()
     trainer.fit(module, dm)
     setup_s = timer.starts[0] - start  # what happens before the first step: the cache build, on a cold cache
-    ckpt = logs / f"{cache}.ckpt"
+    ckpt = logs / f"{cache}-{tail}.ckpt"
     trainer.save_checkpoint(ckpt, weights_only=False)
     return timer.ms_per_step(), setup_s, module, dm, ckpt
 
@@ -88,6 +94,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--episodes", type=int, default=600, help="evaluation episodes per domain")
     parser.add_argument("--engine", default="func", choices=("func", "l2l"), help="meta engine (conf/pretrained.yaml's: func)")
+    parser.add_argument("--tails", default="head,last_stage", help="cuts of the tower whose cached step is timed too ('' for none)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the available cores)")
     parser.add_argument("--out", default="bench/results", help="folder for the markdown table")
     args = parser.parse_args()
@@ -103,6 +110,8 @@ def main() -> None:
         plain_ms, _, _, _, plain_ckpt = _fit(args, root, "off", logs)
         cold_ms, build_s, _, _, _ = _fit(args, root, "on", logs)  # builds the cache before its first step
         cached_ms, warm_s, module, dm, ckpt = _fit(args, root, "on", logs)  # reads the cache built above
+        # the untimed warm-up steps come after the trunk cache's build, so the build is not in the step time
+        tail_ms = {tail: _fit(args, root, "on", logs, tail)[0] for tail in filter(None, args.tails.split(","))}
         dm.setup("test")
         dm.attach(module.model.frozen_image_tower(module.towers_adapt), progress=False)
         sets = dm.episode_sets("test", [5], args.episodes, labelled_only=True)
@@ -113,7 +122,9 @@ def main() -> None:
         report = {
             "tower": args.tower, "size": args.size, "threads": torch.get_num_threads(),
             "step_ms_uncached": round(plain_ms, 1), "step_ms_cached": round(cached_ms, 1),
-            "speedup": round(plain_ms / cached_ms, 1), "cache_build_s": round(build_s - warm_s, 1),
+            "speedup": round(plain_ms / cached_ms, 1),
+            "step_ms_cached_tail": {t: round(ms, 1) for t, ms in tail_ms.items()},
+            "tail_over_pooled": {t: round(ms / cached_ms, 2) for t, ms in tail_ms.items()}, "cache_build_s": round(build_s - warm_s, 1),
             "evaluate_s": round(evaluate_s, 1), "evaluate_episodes": sum(len(s) for s in sets), "methods": len(methods_for(module)),
             "ms_per_episode": {r.method: round(r.ms_per_episode, 2) for r in results if r.domain == args.domains[0]},
             "checkpoint_mb": round(ckpt.stat().st_size / 2**20, 1), "checkpoint_mb_uncached_run": round(plain_ckpt.stat().st_size / 2**20, 1),
@@ -124,6 +135,8 @@ def main() -> None:
              f"| meta-step, uncached (ms) | {report['step_ms_uncached']} |",
              f"| meta-step, cached (ms) | {report['step_ms_cached']} |",
              f"| speed-up | {report['speedup']}x |",
+             *[f"| meta-step, cached trunk, tail={t}, inner loop on its FiLM (ms) | {ms} ({report['tail_over_pooled'][t]}x the pooled-cache step) |"
+               for t, ms in report["step_ms_cached_tail"].items()],
              f"| cache build, every split (s) | {report['cache_build_s']} |",
              f"| evaluate: {report['evaluate_episodes']} episodes x {report['methods']} methods (s) | {report['evaluate_s']} |",
              f"| checkpoint (MB) | {report['checkpoint_mb']} (all tensors: {report['state_dict_mb_all_tensors']}) |"]
