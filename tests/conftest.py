@@ -10,6 +10,12 @@ from pathlib import Path
 # before torch is imported: tests run in parallel (pytest-xdist, `make test`) and start subprocesses, and torch
 # processes that wait actively for work spin against each other on a small machine
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# under pytest-xdist each worker and the processes its tests start (fit, evaluate, DDP ranks, the README's commands)
+# take the worker's share of the cores: with the full pool each, they oversubscribed the cores (the suite on 2 cores:
+# 286 s with the full pool in subprocesses, 237 s with this)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 import numpy as np
 import pytest
@@ -29,11 +35,9 @@ TINY = ["--data.ways=5", "--data.shots=2", "--data.queries=3", "--data.image_siz
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, each worker takes its share of the cores (the tests' own subprocesses keep torch's
-    default)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+    """Under pytest-xdist, each worker takes its share of the cores (its subprocesses too: ``OMP_NUM_THREADS``)."""
+    if _WORKERS > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 
 @pytest.fixture(scope="session")
