@@ -12,10 +12,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # under pytest-xdist each worker and the processes its tests start (fit, evaluate, DDP ranks, the README's commands)
 # take the worker's share of the cores: with the full pool each, they oversubscribed the cores (the suite on 2 cores:
-# 286 s with the full pool in subprocesses, 237 s with this)
+# 286 s with the full pool in subprocesses, 237 to 258 s with this)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_SHARE = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ TINY = ["--data.ways=5", "--data.shots=2", "--data.queries=3", "--data.image_siz
 def pytest_configure(config):
     """Under pytest-xdist, each worker takes its share of the cores (its subprocesses too: ``OMP_NUM_THREADS``)."""
     if _WORKERS > 1:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+        torch.set_num_threads(_SHARE)
 
 
 @pytest.fixture(scope="session")
