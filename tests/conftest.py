@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # under pytest-xdist each worker and the processes its tests start (fit, evaluate, DDP ranks, the README's commands)
 # take the worker's share of the cores: with the full pool each, they oversubscribed the cores (the suite on 2 cores:
-# 286 s in one run with the full pool in subprocesses, 237 to 266 s in three with this)
+# 286 s in one run with the full pool in subprocesses, 227 to 266 s in five with this)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _SHARE = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
 if _WORKERS > 1:
