@@ -231,8 +231,9 @@ def score(module: MetaContrastiveModule, sets: list, methods: list[str], prefix:
 
 @dataclass(frozen=True)
 class Job:
-    """One independent piece of the study: the untrained methods on one domain (the costliest jobs, so one
-    per domain), or one preset's run for one seed, trained (or loaded) and scored on every domain."""
+    """One independent piece of the study: the untrained methods on one domain (one job per domain: on every domain
+    at once they would be the longest job), or one preset's run for one seed, trained (or loaded) and scored on
+    every domain."""
 
     preset: str | None  # None: the untrained model
     seed: int | None = None
@@ -244,10 +245,19 @@ class Job:
 
 
 def grid(args: argparse.Namespace) -> list[Job]:
-    """Every job of the study, the untrained ones (the longest) first."""
-    jobs = [Job(None, domain=d) for d in args.score_domains] if any(m in UNTRAINED for m in args.methods) else []
+    """Every job of the study, the longest first, so that no worker idles through the last long job: the runs that
+    also score ``finetune`` (on the default grid here about 37 minutes each, one thread), then the untrained
+    methods' jobs (9 to 17), then the other runs (3 to 17)."""
+    untrained = [Job(None, domain=d) for d in args.score_domains] if any(m in UNTRAINED for m in args.methods) else []
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    return jobs + [Job(preset, seed) for seed in seeds for preset in args.presets.split(",")]
+    runs = [Job(preset, seed) for seed in seeds for preset in args.presets.split(",")]
+    longest = [job for job in runs if scores_finetune(job.preset, args)]
+    return longest + untrained + [job for job in runs if job not in longest]
+
+
+def scores_finetune(preset: str, args: argparse.Namespace) -> bool:
+    """Whether ``preset``'s runs are also scored with ``finetune`` (``--finetune-presets``)."""
+    return "finetune" in args.methods and (args.finetune_presets == "all" or preset in args.finetune_presets.split(","))
 
 
 # what a job's scores depend on, besides the job itself: a scores file made under other settings is not reused
@@ -293,8 +303,7 @@ def run_job(job: Job, args: argparse.Namespace) -> dict:
         module, datamodule, record = train(job.preset, job.seed, args)
         sets = episode_sets(module, datamodule, args)
         eval_start = time.perf_counter()
-        trained = [m for m in args.methods if m in TRAINED and (m != "finetune" or args.finetune_presets == "all"
-                                                               or job.preset in args.finetune_presets.split(","))]
+        trained = [m for m in args.methods if m in TRAINED and (m != "finetune" or scores_finetune(job.preset, args))]
         rows = score(module, sets, trained, job.preset, args)
         record.update(job=job.name, evaluate_s=time.perf_counter() - eval_start)
     payload = {"record": record, "rows": [{"seed": job.seed, **r.as_dict()} for r in rows]}

@@ -121,6 +121,18 @@ def test_a_run_trained_under_other_settings_is_another_run_never_loaded_for_thes
     assert version("--episodes", "3") == version()  # scoring settings do not retrain
 
 
+def test_the_grid_starts_with_its_longest_jobs(tmp_path, monkeypatch):
+    study = _study()
+    base = ["study", "--work", str(tmp_path), "--data", str(tmp_path / "data"), "--domains", "natural,mri",
+            "--presets", "maml,recipe,intower", "--seeds", "0,1"]
+    names = [job.name for job in study.grid(_parsed(study, monkeypatch, base))]
+    # finetune (scored for recipe by default) is the costliest method: those runs first, then the untrained jobs
+    assert names == ["recipe-seed0", "recipe-seed1", "untrained-natural", "untrained-mri", "maml-seed0",
+                     "intower-seed0", "maml-seed1", "intower-seed1"]
+    names = [job.name for job in study.grid(_parsed(study, monkeypatch, base + ["--methods", "prototype,dcmcl"]))]
+    assert names == [f"{p}-seed{s}" for s in (0, 1) for p in ("maml", "recipe", "intower")]  # no finetune, nothing untrained
+
+
 def _parsed(study, monkeypatch, argv: list[str]):
     monkeypatch.setattr(sys, "argv", argv)
     return study.parse_args()
