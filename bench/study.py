@@ -246,8 +246,8 @@ class Job:
 
 def grid(args: argparse.Namespace) -> list[Job]:
     """Every job of the study, the longest first, so that no worker idles through the last long job: the runs that
-    also score ``finetune`` (on the default grid here about 37 minutes each, one thread), then the untrained
-    methods' jobs (9 to 17), then the other runs (3 to 17)."""
+    also score ``finetune`` (on the default grid here 38 to 50 minutes each, one thread), then the untrained
+    methods' jobs (9 to 17), then the other runs (2 to 27)."""
     untrained = [Job(None, domain=d) for d in args.score_domains] if any(m in UNTRAINED for m in args.methods) else []
     seeds = [int(s) for s in args.seeds.split(",") if s]
     runs = [Job(preset, seed) for seed in seeds for preset in args.presets.split(",")]
